@@ -1,0 +1,242 @@
+"""
+model.py: the model side of next-block training, for any Hugging Face causal LM.
+
+  load_model         an HF folder (init_from=PATH) or the tiny demo model (init_from="demo") + its tokenizer,
+                     with the mask token added and the attention backend chosen
+  add_mask_token     a dedicated <|mask|> token: spare embedding rows reused, never shrunk, mean-initialised
+  attention_mask     a batch's rule (mask.py) as the backend wants it: BlockMask (flex) or dense bool (sdpa)
+  forward_losses     per-token cross-entropy and argmax at supervised positions, logits computed in chunks
+  parallelize        DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied embeddings)
+  export_hf          a Hugging Face folder (save_pretrained + tokenizer) gathered from every rank
+"""
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from configurator import UserError
+from mask import block_mask, dense_mask
+
+MASK_TOKEN = "<|mask|>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the demo model and tokenizer (built from code: no download)
+
+DEMO_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def demo_tokenizer():
+    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus ChatML-style
+    special tokens. Its generation prompt ends with `<think>\\n`, like the DeepSeek-R1 distills."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = ["<|unk|>", "\n"] + [chr(c) for c in range(32, 127)]
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|unk|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=DEMO_SPECIAL[1:],
+                                   chat_template=DEMO_CHAT_TEMPLATE, model_max_length=4096)
+
+
+def demo_config(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4, **overrides):
+    """A tiny Qwen3 (RMSNorm, RoPE, GQA, tied embeddings): the same code paths as the real ones."""
+    from transformers import Qwen3Config
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                  max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0)
+    kwargs.update(overrides)
+    return Qwen3Config(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def attention_backend(attention, device):
+    """'flex_attention' (BlockMask) on CUDA, 'sdpa' (dense bool mask) elsewhere; attention='flex'|'sdpa' forces."""
+    if attention not in ("auto", "flex", "sdpa"):
+        raise UserError(f"attention must be 'auto', 'flex' or 'sdpa', got {attention!r}")
+    if attention == "auto":
+        attention = "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return "flex_attention" if attention == "flex" else "sdpa"
+
+
+def add_mask_token(model, tokenizer):
+    """Add the dedicated mask token (never EOS) and return its id; stored as model.config.mask_token_id.
+
+    Reuses a spare embedding row when the matrix is larger than the tokenizer (Qwen pads its vocab), grows the
+    matrix otherwise, never shrinks it. A new token's input (and untied output) row starts at the mean of the
+    rows before it, the same on every rank. A token already present (a checkpoint of ours) keeps its row."""
+    if MASK_TOKEN in tokenizer.get_vocab():
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    else:
+        from tokenizers import AddedToken
+        tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if mask_id >= rows:
+            model.resize_token_embeddings(mask_id + 1, pad_to_multiple_of=64, mean_resizing=False)
+        with torch.no_grad():
+            embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+            for weight in embeddings:
+                weight[mask_id] = weight[:mask_id].float().mean(0).to(weight.dtype)
+    model.config.mask_token_id = mask_id
+    return mask_id
+
+
+def load_model(init_from, device="cpu", attention="auto", demo_overrides=None):
+    """(model in fp32 on device, tokenizer, mask_token_id). init_from: a local HF folder, or 'demo'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    backend = attention_backend(attention, device)
+    if init_from == "demo":
+        tokenizer = demo_tokenizer()
+        config = demo_config(**(demo_overrides or {}))
+        from transformers import AutoModelForCausalLM as Auto
+        model = Auto.from_config(copy.deepcopy(config), attn_implementation=backend, dtype=torch.float32)
+    else:
+        if not os.path.isdir(init_from):
+            raise UserError(f"init_from={init_from!r} is not a folder (a local Hugging Face model, or 'demo'; "
+                            "nothing is downloaded)")
+        if not os.path.exists(os.path.join(init_from, "config.json")):
+            raise UserError(f"{init_from}: no config.json, not a Hugging Face model folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(init_from)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"{init_from}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=backend, dtype=torch.float32)
+    mask_id = add_mask_token(model, tokenizer)
+    return model.to(device), tokenizer, mask_id
+
+
+def cache_kwarg(model):
+    """The forward argument that takes the KV cache: 'cache' in transformers >= 5.24, 'past_key_values' before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward and loss
+
+def attention_mask(batch, model):
+    """The batch's attention rule in the form the model's attention backend takes."""
+    impl = unwrap(model).config._attn_implementation
+    return block_mask(batch) if impl == "flex_attention" else dense_mask(batch)
+
+
+def _ce_chunk(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
+
+
+def forward_losses(model, batch, chunk_tokens=None):
+    """Run the model on a collated batch; return (per-token loss, argmax, is_mask) at the supervised positions.
+
+    The [tokens, vocab] logits never exist at once: the lm_head input is captured by a hook (lm_head itself
+    sees zero tokens), then logits and loss are computed chunk by chunk, each chunk's logits recomputed in
+    backward. Memory stays one chunk of logits whatever the vocabulary (about 2^27 logits by default)."""
+    lm_head = unwrap(model).get_output_embeddings()
+    captured = {}
+
+    def take_hidden(module, args):
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :],)
+
+    handle = lm_head.register_forward_pre_hook(take_hidden)
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+              attention_mask=attention_mask(batch, model), use_cache=False)
+    finally:
+        handle.remove()
+    supervised = batch["labels"] != -100
+    hidden, labels = captured["hidden"][supervised], batch["labels"][supervised]
+    weight = lm_head.weight
+    chunk = chunk_tokens or max(256, 2 ** 27 // weight.shape[0])
+    losses, preds = [], []
+    for i in range(0, len(labels), chunk):
+        args = (hidden[i:i + chunk], weight, labels[i:i + chunk])
+        loss, pred = checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() \
+            else _ce_chunk(*args)
+        losses.append(loss)
+        preds.append(pred)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(losses) if losses else empty + hidden.sum() * 0,  # keeps the graph when nothing is supervised
+            torch.cat(preds) if preds else labels, batch["is_mask"][supervised])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def decoder_layers(model):
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
+    return [m for m in unwrap(model).modules() if type(m).__name__ in names]
+
+
+def parallelize(model, parallel, device, param_dtype, world_size):
+    """DDP, or FSDP2 (each decoder layer, then the root: the tied embedding and lm_head stay together in the
+    root group; params in param_dtype, gradients reduced in fp32). One process: the model as it is."""
+    if world_size == 1:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    raise UserError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+
+
+def set_grad_sync(model, enabled):
+    """Gradients are reduced across ranks only on the last micro-step of an optimizer step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = enabled
+
+
+def export_hf(model, tokenizer, path, master, dtype=None):
+    """Write a Hugging Face folder (weights gathered from every rank; all ranks must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        unwrap(model).save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# throughput accounting
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """Dense bf16 peak of known GPUs (None elsewhere, so MFU is not reported)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token: 6 x non-embedding params + attention (causal, 6 x layers x width x seq)."""
+    cfg = unwrap(model).config
+    params = sum(p.numel() for p in unwrap(model).parameters())
+    params -= unwrap(model).get_input_embeddings().weight.numel() * (not cfg.tie_word_embeddings)
+    width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    return 6 * params + 6 * cfg.num_hidden_layers * width * seq_len
