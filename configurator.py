@@ -10,7 +10,8 @@ helper names start with '_'); each --key=value overrides one key. The value is r
 and checked against the default's type:
   - split on the first '=' only (--prompt_format=Q={prompt} keeps 'Q={prompt}')
   - an int may override a float (--learning_rate=1 gives 1.0); True/False (or true/false) parse as bools
-  - a key whose default is None takes any value; a str key keeps the text as written (--out_dir=007)
+  - a key whose default is None takes any value; a str key keeps the text as written (--out_dir=007),
+    or takes None (--val_files=None)
   - an unknown key fails with the closest valid names; a type mismatch names key, expected type and value
 Printing happens on rank 0 only. User mistakes raise UserError, which every entry script prints as one line.
 """
@@ -54,8 +55,8 @@ def parse_value(key, text, default):
     if default is None:
         return value
     if isinstance(default, str):
-        # a str key keeps what was typed, unless it was quoted or is a list (several paths)
-        return value if isinstance(value, (str, list, tuple)) else text
+        # a str key keeps what was typed, unless it was quoted, a list (several paths) or None (unset)
+        return value if value is None or isinstance(value, (str, list, tuple)) else text
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

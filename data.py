@@ -422,28 +422,19 @@ def summarize_metrics(counts, block_size):
 # the demo data set
 
 def demo_problem(rng):
-    """Add two or three multi-digit numbers, column by column, carries written out."""
-    terms = [rng.randint(10, 999) for _ in range(rng.choice((2, 3)))]
-    question = "+".join(map(str, terms))
-    digits = [str(t)[::-1] for t in terms]
-    width = max(map(len, digits))
-    steps, carry, answer = [], 0, []
-    for col in range(width):
-        column = [int(d[col]) for d in digits if col < len(d)]
-        total = sum(column) + carry
-        parts = "+".join(map(str, column)) + (f"+{carry}" if carry else "")
-        steps.append(f"{parts}={total}, write {total % 10} carry {total // 10}")
-        answer.append(str(total % 10))
-        carry = total // 10
-    if carry:
-        answer.append(str(carry))
-    result = "".join(reversed(answer))
-    assert int(result) == sum(terms)
-    target = "<think>\n" + "\n".join(steps) + "\n</think>\nThe answer is " + result + "."
-    return f"What is {question}?", target
+    """Add two 3-digit numbers column by column, as taught in school: one line per column, named u(nits),
+    t(ens), h(undreds), each `digit+digit+carry=two-digit sum`, then the answer."""
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    steps, carry, answer = [], 0, ""
+    for column, da, db in zip("uth", str(a)[::-1], str(b)[::-1]):
+        total = int(da) + int(db) + carry
+        steps.append(f"{column}:{da}+{db}+{carry}={total:02d}")
+        answer, carry = str(total % 10) + answer, total // 10
+    answer = (str(carry) if carry else "") + answer
+    return f"What is {a}+{b}?", "<think>\n" + "\n".join(steps) + "\n</think>\nThe answer is " + answer + "."
 
 
-def write_demo_data(out_dir, n_train=4000, n_test=200, seed=0):
+def write_demo_data(out_dir, n_train=3600, n_test=200, seed=0):
     """Write train.parquet and test.parquet (chat-list prompt/target columns, as the seed's format) into
     out_dir, deterministically; test problems never occur in train. Skips files that already exist."""
     paths = {split: os.path.join(out_dir, f"{split}.parquet") for split in ("train", "test")}

@@ -8,9 +8,11 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
   forward_losses     per-token cross-entropy and argmax at supervised positions, logits computed in chunks
   parallelize        DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied embeddings)
   export_hf          a Hugging Face folder (save_pretrained + tokenizer) gathered from every rank
+  checkpoints        the complete checkpoints of a run, and the Hugging Face folder a path points to
 """
 import copy
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +22,25 @@ from configurator import UserError
 from mask import block_mask, dense_mask
 
 MASK_TOKEN = "<|mask|>"
+try:  # loading and saving tiny models should not draw progress bars
+    from transformers.utils import logging as _hf_logging
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the demo model and tokenizer (built from code: no download)
 
-DEMO_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-DEMO_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+DEMO_SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
+DEMO_CHAT_TEMPLATE = (  # Phi-3 style turns; the generation prompt opens a <think> block, as R1 distills do
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}")
 
 
 def demo_tokenizer():
-    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus ChatML-style
-    special tokens. Its generation prompt ends with `<think>\\n`, like the DeepSeek-R1 distills."""
+    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus special
+    tokens for the chat turns and the think block. Its generation prompt ends with `<think>\\n`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = ["<|unk|>", "\n"] + [chr(c) for c in range(32, 127)]
@@ -48,7 +55,7 @@ def demo_tokenizer():
 def demo_config(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4, **overrides):
     """A tiny Qwen3 (RMSNorm, RoPE, GQA, tied embeddings): the same code paths as the real ones."""
     from transformers import Qwen3Config
-    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
                   max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0)
@@ -217,6 +224,31 @@ def export_hf(model, tokenizer, path, master, dtype=None):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         unwrap(model).save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)
+
+
+def checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first, as (step, path). A folder counts once its
+    checkpoint.json exists: train.py writes global_step_N.tmp and renames it only when it is complete."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.match(r"^global_step_(\d+)$", name)
+        if m and os.path.exists(os.path.join(out_dir, name, "checkpoint.json")):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def find_hf_folder(path):
+    """The Hugging Face folder that path means: itself, its huggingface/ subfolder, or that of the newest
+    complete checkpoint when path is a run's out_dir."""
+    if checkpoints(path):
+        path = checkpoints(path)[-1][1]
+    for folder in (path, os.path.join(path, "huggingface")):
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} not found (run train.py first, or pass --ckpt=PATH)")
+    raise UserError(f"{path!r} holds no checkpoint: not a Hugging Face model folder (no config.json there or in "
+                    "huggingface/), nor a run's out_dir with a complete global_step_N")
 
 
 # ----------------------------------------------------------------------------------------------------------------

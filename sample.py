@@ -28,7 +28,7 @@ import torch
 # ---------------------------------------------------------------------------------------------------------------
 # config (python sample.py [config.py] --key=value)
 out_dir = "out/demo"                   # where the newest checkpoint is looked up when ckpt is ''
-ckpt = ""                              # a Hugging Face folder from train.py, or its global_step_N; '' = newest in out_dir
+ckpt = ""                              # an HF folder from train.py, its global_step_N, or a run's out_dir; '' = out_dir
 data = "data/demo/test.parquet"        # parquet with prompts (targets give tf, block_tf and answer accuracy)
 prompt = ""                            # decode this one prompt instead of data
 prompt_key = "prompt"                  # prompt column
@@ -41,14 +41,14 @@ block_size = 0                         # 0 = the trained block size (a different
 threshold = 0.7                        # adaptive: keep an offset while its top-1 probability is >= this
 answer_regex = ""                      # the answer in a text (group 1); '' = after "The answer is", else the last number
 verbose = False                        # print every forward's tokens with their top-5 probabilities
-color = "auto"                         # colour each forward's tokens: 'auto' (on a terminal), True, False
+color = None                           # colour each forward's tokens: None = on a terminal; True/False force it
 summary_json = ""                      # also write the summary numbers to this JSON file
 device = "auto"                        # 'auto', 'cpu', 'cuda'
 dtype = "float32"                      # 'float32' (lossless == ar exactly) or 'bfloat16'
 # ---------------------------------------------------------------------------------------------------------------
 from configurator import UserError  # noqa: E402
 from mask import dense_mask  # noqa: E402
-from model import cache_kwarg  # noqa: E402
+from model import cache_kwarg, find_hf_folder  # noqa: E402
 
 SCENARIOS = ("ar", "tf", "block", "block_tf", "adaptive", "lossless")
 MODES = ("ar", "block", "adaptive", "lossless")
@@ -186,23 +186,6 @@ def teacher_forced(model, prompt_ids, response_ids, block_size, mask_token_id):
 # ---------------------------------------------------------------------------------------------------------------
 # loading and reporting
 
-def find_checkpoint(ckpt, out_dir):
-    """A Hugging Face folder: ckpt itself, its huggingface/ subfolder, or the newest complete one in out_dir."""
-    if not ckpt:
-        steps = []
-        for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-            m = re.match(r"^global_step_(\d+)$", name)
-            if m and os.path.exists(os.path.join(out_dir, name, "checkpoint.json")):
-                steps.append((int(m.group(1)), name))
-        if not steps:
-            raise UserError(f"no checkpoint in out_dir={out_dir!r}: run train.py first, or pass --ckpt=PATH")
-        ckpt = os.path.join(out_dir, max(steps)[1])
-    for path in (ckpt, os.path.join(ckpt, "huggingface")):
-        if os.path.exists(os.path.join(path, "config.json")):
-            return path
-    raise UserError(f"ckpt={ckpt!r} is not a Hugging Face model folder (no config.json there or in huggingface/)")
-
-
 def extract_answer(text, pattern=""):
     """The answer in a text: answer_regex's group 1, else what follows "The answer is", else the last number."""
     if pattern:
@@ -253,7 +236,7 @@ def main():
         if s not in SCENARIOS:
             raise UserError(f"unknown scenario {s!r} (choose from {', '.join(SCENARIOS)}, or all)")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = find_checkpoint(ckpt, out_dir)
+    path = find_hf_folder(ckpt or out_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=getattr(torch, dtype))
     model = model.to(dev).eval()
@@ -276,7 +259,7 @@ def main():
         samples = [(messages, target) for messages, target, _ in rows[:num_samples or None]]
     end_id = datamod.end_of_turn_id(tokenizer, prompt_format)
     eos = {end_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    use_color = sys.stdout.isatty() if color == "auto" else bool(color)
+    use_color = sys.stdout.isatty() if color is None else bool(color)
     print(f"checkpoint {path} | block_size {block_size} | mask token {mask_id} | {len(samples)} samples | "
           f"device {dev}")
 
@@ -316,8 +299,7 @@ def main():
             metrics = datamod.summarize_metrics(counts, 1 if name == "tf" else block_size)
             row["accuracy"] = metrics["acc@0"] if name == "tf" else \
                 " ".join(f"{metrics[f'acc@{k}']:.2f}" for k in range(block_size))
-            if name == "block_tf":
-                row["tokens/forward"] = metrics["tpf_tf"]
+            row["tokens/forward"] = metrics["tpf_tf"] if name == "block_tf" else ""  # tf: no decoding
         elif graded:
             row["accuracy"] = correct / graded
         summary[name] = row

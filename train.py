@@ -13,11 +13,11 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -52,12 +52,12 @@ mask_loss_weight = 1.0                    # weight of the mask (offset >= 1) tok
 # optimization
 batch_size = 16                           # samples per micro-batch per device [data.micro_batch_size_per_gpu]
 gradient_accumulation_steps = 1           # micro-batches per optimizer step, over all ranks (nanoGPT); the seed counts per GPU [optim.gradient_accumulation_steps]
-learning_rate = 3e-3                      # peak learning rate [optim.lr]
-min_lr = 3e-4                             # learning rate at the end of the cosine decay
+learning_rate = 6e-3                      # peak learning rate [optim.lr]
+min_lr = 6e-4                             # learning rate at the end of the cosine decay
 warmup_ratio = 0.05                       # fraction of the steps spent warming up linearly [optim.warmup_steps_ratio]
 weight_decay = 0.01                       # AdamW decay on 2-D weights (betas 0.9, 0.95) [their code: 0.01]
 grad_clip = 1.0                           # clip the global grad norm to this; 0: no clipping [optim.clip_grad]
-epochs = 12                               # passes over train_files [trainer.total_epochs]
+epochs = 4                                # passes over train_files [trainer.total_epochs]
 max_steps = 0                             # optimizer steps; 0: epochs x steps per epoch [trainer.total_training_steps]
 gradient_checkpointing = False            # recompute activations in backward to save memory [model.enable_gradient_checkpointing]
 # model: the demo's tiny Qwen3 (init_from="demo" only)
@@ -79,10 +79,8 @@ config = configure(globals())
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
 
 import data  # noqa: E402
-from model import (attention_backend, decoder_layers, export_hf, flops_per_token, forward_losses,  # noqa: E402
-                   load_model, parallelize, peak_flops, set_grad_sync)
-
-CKPT = re.compile(r"^global_step_(\d+)$")
+from model import (attention_backend, checkpoints, decoder_layers, export_hf, flops_per_token,  # noqa: E402
+                   forward_losses, load_model, parallelize, peak_flops, set_grad_sync)
 
 
 def compute_init():
@@ -122,14 +120,8 @@ def barrier():
         dist.barrier()
 
 
-rank, world, device_ = compute_init()
-master = rank == 0
-torch.manual_seed(seed)
-if dtype == "auto":
-    dtype = "bfloat16" if device_.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-if dtype not in ("float32", "bfloat16"):
-    raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
-ptdtype = getattr(torch, dtype)
+# settings checked before anything waits for the other ranks
+world = int(os.environ.get("WORLD_SIZE", 1))
 if gradient_accumulation_steps % world:
     raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
                     f"{world} ranks (it counts micro-batches over all ranks)")
@@ -139,7 +131,18 @@ if block_offset != "random":
         block_offset = int(block_offset)
     except ValueError:
         raise UserError(f"block_offset must be 'random' or an int, got {block_offset!r}") from None
-print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device {device_} | "
+if resume not in ("auto", "disable"):
+    raise UserError(f"resume must be 'auto' or 'disable', got {resume!r}")
+if dtype not in ("auto", "float32", "bfloat16"):
+    raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+
+rank, world, device = compute_init()
+master = rank == 0
+torch.manual_seed(seed)
+if dtype == "auto":
+    dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+ptdtype = getattr(torch, dtype)
+print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device {device} | "
        f"dtype {dtype} | out_dir {out_dir}")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,9 +158,9 @@ val_rows = data.load_samples(val_files, prompt_key, response_key) if val_files e
 
 torch.manual_seed(seed)
 demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
-model, tokenizer, mask_token_id = load_model(init_from, device_, attention, demo_overrides)
+model, tokenizer, mask_token_id = load_model(init_from, device, attention, demo_overrides)
 model.config.next_block_size = block_size  # exported with the model: sample.py decodes with it
-attn_impl = attention_backend(attention, device_)
+attn_impl = attention_backend(attention, device)
 pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile; sdpa: little padding
 
 train_samples, dropped, truncated = data.drop_too_long(data.encode_samples(tokenizer, train_rows, prompt_format),
@@ -184,13 +187,13 @@ if compile:
         layer.compile()
 n_params = sum(p.numel() for p in model.parameters())
 flops_token = flops_per_token(model, max_length)
-model = parallelize(model, parallel, device_, ptdtype, world)
-autocast = torch.autocast(device_.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+model = parallelize(model, parallel, device, ptdtype, world)
+autocast = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95),
-                              fused=device_.type == "cuda")
+                              fused=device.type == "cuda")
 print0(f"model: {init_from} | {n_params / 1e6:.2f}M params | attention {attn_impl} | mask token id {mask_token_id}")
 
 
@@ -204,30 +207,20 @@ def get_lr(step):
 
 
 def to_device(batch):
-    return {k: v.to(device_, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints: out_dir/global_step_N/{huggingface/, state/, checkpoint.json}, valid only once renamed from .tmp
 
-def checkpoints():
-    """Complete checkpoints in out_dir, oldest first: (step, path)."""
-    found = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        m = CKPT.match(name)
-        if m and os.path.exists(os.path.join(out_dir, name, "checkpoint.json")):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
-    return sorted(found)
-
-
 def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_.type == "cuda" else None,
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
             "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device_.type == "cuda":
+    if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -235,6 +228,7 @@ def set_rng_state(state):
 
 def save_checkpoint(step, metrics):
     import torch.distributed.checkpoint as dcp
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: expected
     final = os.path.join(out_dir, f"global_step_{step}")
     tmp = final + ".tmp"
     if master:
@@ -254,7 +248,7 @@ def save_checkpoint(step, metrics):
             json.dump(sidecar, f, indent=1, default=str)
         shutil.rmtree(final, ignore_errors=True)  # the same step of a run that resume='disable' replaces
         os.replace(tmp, final)
-        for _, old in checkpoints()[:-keep_last] if keep_last > 0 else []:
+        for _, old in checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
         print0(f"saved {final}")
     barrier()
@@ -262,6 +256,7 @@ def save_checkpoint(step, metrics):
 
 def load_checkpoint(path):
     import torch.distributed.checkpoint as dcp
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=os.path.join(path, "state"))
@@ -279,7 +274,7 @@ def load_checkpoint(path):
 
 
 step = 0
-existing = checkpoints()
+existing = checkpoints(out_dir)
 if existing:
     with open(os.path.join(existing[-1][1], "checkpoint.json")) as f:
         theirs = json.load(f)["config"]
@@ -293,8 +288,6 @@ if existing:
         print0(f"resumed from {existing[-1][1]} (step {step}, epoch {batches.epoch})")
     else:
         print0(f"note: resume='disable': starting over; the {len(existing)} checkpoints in {out_dir} get replaced")
-elif resume not in ("auto", "disable"):
-    raise UserError(f"resume must be 'auto' or 'disable', got {resume!r}")
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation
@@ -316,7 +309,7 @@ def evaluate():
         full_pred = batch["labels"].clone()
         full_pred[batch["labels"] != -100] = preds
         counts += data.block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
-    sums, counts = all_sum(sums.to(device_)).cpu(), all_sum(counts.to(device_)).cpu()
+    sums, counts = all_sum(sums.to(device)).cpu(), all_sum(counts.to(device)).cpu()
     model.train()
     out = {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
            "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item()}
@@ -353,7 +346,7 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGTERM, request_stop)  # preemption: save a checkpoint at the end of this step, then exit 0
 model.train()
-peak = peak_flops(device_)
+peak = peak_flops(device)
 from tqdm import tqdm  # noqa: E402
 
 bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
@@ -366,8 +359,8 @@ while step < total_steps:
     micro = batches.next()
     # the loss is a sum over every supervised position of this optimizer step on every rank, divided by their
     # number: accumulation and world size never change the math (DESIGN.md section 3)
-    supervised = all_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device_))
-    stats = torch.zeros(8, dtype=torch.float64, device=device_)
+    supervised = all_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device))
+    stats = torch.zeros(8, dtype=torch.float64, device=device)
     for k, batch in enumerate(micro):
         set_grad_sync(model, k == len(micro) - 1)
         batch = to_device(batch)
@@ -386,7 +379,7 @@ while step < total_steps:
     loss_sum, ar_sum, ar_n, mask_sum, mask_n, clean_tokens, all_tokens, stop_votes = stats.tolist()
     loss_value = loss_sum / supervised.item()
     if not math.isfinite(loss_value):
-        last = checkpoints()[-1][1] if checkpoints() else "none"
+        last = checkpoints(out_dir)[-1][1] if checkpoints(out_dir) else "none"
         raise UserError(f"loss is {loss_value} at step {step + 1}: stopping without saving (newest checkpoint: "
                         f"{last}); lower learning_rate or check the data")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))

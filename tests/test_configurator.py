@@ -38,6 +38,7 @@ def test_bools_parse(text, value):
 
 def test_str_key_keeps_text_as_written():
     assert run(["--out_dir=007"])["out_dir"] == "007"
+    assert run(["--train_files=None"])["train_files"] is None
     assert run(["--train_files=['a.parquet','b.parquet']"])["train_files"] == ["a.parquet", "b.parquet"]
 
 

@@ -83,7 +83,9 @@ def test_zero_samples(tmp_path):
 # ---------------------------------------------------------------- encode: chat templates and <think>
 
 def _tok(template):
+    """The demo's character tokenizer with ChatML's special tokens and another template."""
     tok = demo_tokenizer()
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tok.chat_template = template
     return tok
 
@@ -103,13 +105,13 @@ def test_chatml_without_think_keeps_target_whole():
 def test_think_generation_prompt_overlap_removed():
     tok = demo_tokenizer()  # its generation prompt ends with <think>\n, like the R1 distills
     p, r = encode(tok, "What is 2+2?", "<think>\nLet me add.</think>The answer is 4.")
-    assert _decode(tok, p).endswith("assistant\n<think>\n")
-    assert _decode(tok, r) == "Let me add.</think>The answer is 4.<|im_end|>"
+    assert _decode(tok, p).endswith("<|assistant|>\n<think>\n")
+    assert _decode(tok, r) == "Let me add.</think>The answer is 4.<|end|>"
     # only an exact overlap counts: the prompt ends "<think>\n", which "<think>Let" does not start with
     p, r = encode(tok, "What is 2+2?", "<think>Let me add.</think>4")
-    assert _decode(tok, r) == "<think>Let me add.</think>4<|im_end|>"
+    assert _decode(tok, r) == "<think>Let me add.</think>4<|end|>"
     p, r = encode(tok, "What is 2+2?", "The answer is 4.")  # no think at all: nothing to remove
-    assert _decode(tok, r) == "The answer is 4.<|im_end|>"
+    assert _decode(tok, r) == "The answer is 4.<|end|>"
 
 
 def test_coincidental_plain_text_overlap_is_kept():
@@ -159,7 +161,7 @@ def test_encode_samples_on_gsm8k_style_parquet(tmp_path):
              "target": [{"role": "assistant", "content": f"<think>\n{i}+{i}={2 * i}\n</think>\n\nThe answer is {2 * i}."}]}
             for i in range(5)]
     encoded = encode_samples(demo_tokenizer(), load_samples(write_parquet(tmp_path / "t.parquet", rows)))
-    assert len(encoded) == 5 and all(r[-1] == demo_tokenizer().convert_tokens_to_ids("<|im_end|>") for _, r in encoded)
+    assert len(encoded) == 5 and all(r[-1] == demo_tokenizer().convert_tokens_to_ids("<|end|>") for _, r in encoded)
 
 
 # ---------------------------------------------------------------- build_example, truncation, packing

@@ -1,0 +1,290 @@
+"""
+Speed, measured side by side in one run: ratios on the same samples and the same model, never absolute claims.
+
+  python bench.py                                  # CPU-sized: a tiny random model, dense-mask (SDPA) path
+  python bench.py --preset=qwen3-0.6b              # CUDA: Qwen3-0.6B's shape, random weights (no download)
+  python bench.py --check=True --json=bench.json   # CUDA: correctness checks first, then the benchmarks
+  python bench.py --what=decode --ckpt=out/demo    # decoding speed of a trained checkpoint on its data
+
+train:  one optimizer step (forward, backward, AdamW) on the same samples as (a) plain SFT: clean tokens,
+        causal; (b) next-block SFT, split layout; (c) interleaved layout. Time, tokens/s (clean and total),
+        peak memory, the ratios b/a and c/a, MFU on known GPUs.
+decode: ar, adaptive and lossless (and HF generate) on the same model and prompts: tokens/s, tokens per
+        forward, speedup over ar, and the cost of one lossless forward relative to one ar forward.
+check:  the BlockMask path equals the dense path (loss and gradients, bf16 tolerance) and lossless == ar in
+        fp32; a failed check exits non-zero.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------------
+preset = "auto"               # 'auto' (tiny on CPU, qwen3-0.6b on CUDA), 'tiny', 'qwen3-0.6b', 'qwen3-8b', 'llama-8b'
+what = "train,decode"         # which benchmarks: train, decode, or both
+check = False                 # run the correctness checks first (meant for CUDA; works on CPU minus flex training)
+rows = 0                      # train: samples per step, one per row; 0 = preset's
+seq_len = 0                   # train: clean tokens per sample (prompt + response); 0 = preset's
+prompt_len = 0                # tokens of each prompt; 0 = preset's
+block_size = 4                # next-block size
+steps = 5                     # timed train steps (after 2 warm-up steps), median reported
+gradient_checkpointing = False  # recompute activations in backward (memory vs time)
+ckpt = ""                     # decode: a checkpoint from train.py or a run's out_dir (else the random preset model)
+data = "data/demo/test.parquet"  # decode with ckpt: prompts from this parquet
+decode_samples = 0            # decode: prompts; 0 = preset's
+max_new_tokens = 0            # decode: tokens per prompt; 0 = preset's
+threshold = 0.7               # adaptive decoding threshold
+device = "auto"               # 'auto', 'cpu', 'cuda'
+json_path = ""                # write every number here (--json_path=bench.json)
+seed = 0
+# ---------------------------------------------------------------------------------------------------------------
+
+PRESETS = {  # (model config, rows, seq_len, prompt_len, decode samples, new tokens)
+    "tiny": (dict(model_type="qwen3", vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+             2, 508, 60, 4, 64),
+    "qwen3-0.6b": (dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=True), 4, 4092, 256, 8, 128),
+    "qwen3-8b": (dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      tie_word_embeddings=False), 1, 4092, 256, 4, 128),
+    "llama-8b": (dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      tie_word_embeddings=False), 1, 4092, 256, 4, 128),
+}
+
+
+def build_model(cfg, attn, dev, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = dict(cfg)
+    config = AutoConfig.for_model(cfg.pop("model_type"), max_position_embeddings=16384, **cfg)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).to(dev)
+
+
+def samples_for(n, length, prompt, vocab):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab - 1, (prompt,), generator=g).tolist(),
+             torch.randint(0, vocab - 1, (length - prompt,), generator=g).tolist()) for _ in range(n)]
+
+
+def timed(fn, dev, n):
+    """Median seconds of fn() over n runs after two warm-ups, and the peak memory (bytes) of one run."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def bench_train(cfg, dev, attn, samples, mask_id):
+    """Seconds per optimizer step for the same samples in three layouts."""
+    from data import build_example, collate
+    from model import flops_per_token, forward_losses, peak_flops
+    model = build_model(cfg, attn, dev, torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
+                                                                                                      enabled=False)
+    pad = 128 if attn == "flex_attention" else 8
+    peak, results = peak_flops(dev), {}
+    for name, B, layout in (("plain", 1, "split"), ("split", block_size, "split"),
+                            ("interleaved", block_size, "interleaved")):
+        examples = [build_example(p, r, B, mask_id, layout, 0) for p, r in samples]
+        length = max(len(e["input_ids"]) for e in examples)
+        batch = collate(examples, -(-length // pad) * pad, pad_multiple=pad, pad_id=mask_id)
+        batch = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        supervised = (batch["labels"] != -100).sum()
+
+        def step():
+            with autocast:
+                losses, _, _ = forward_losses(model, batch)  # builds the mask: once per batch, as in train.py
+            (losses.sum() / supervised).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds, memory = timed(step, dev, steps)
+        real = batch["doc_ids"] >= 0
+        total, clean = int(real.sum()), int((real & ~batch["is_mask"]).sum())
+        row = {"seconds": seconds, "rows": batch["input_ids"].shape[0], "row_length": batch["input_ids"].shape[1],
+               "clean_tokens": clean, "total_tokens": total, "clean_tokens_per_s": clean / seconds,
+               "total_tokens_per_s": total / seconds, "peak_memory_gb": memory / 2 ** 30 if memory else None}
+        if peak:
+            row["mfu"] = flops_per_token(model, batch["input_ids"].shape[1]) * total / seconds / peak
+        results[name] = row
+        print(f"train {name:12s} {seconds:.4f} s/step | {clean / seconds:9.0f} clean tok/s | "
+              f"{total / seconds:9.0f} total tok/s | rows {row['rows']} x {row['row_length']}"
+              + (f" | peak {row['peak_memory_gb']:.1f} GiB" if memory else "")
+              + (f" | mfu {100 * row['mfu']:.0f}%" if peak else ""), flush=True)
+    for name in ("split", "interleaved"):
+        results[f"{name}_vs_plain_time"] = results[name]["seconds"] / results["plain"]["seconds"]
+        if results["plain"]["peak_memory_gb"]:
+            results[f"{name}_vs_plain_memory"] = results[name]["peak_memory_gb"] / results["plain"]["peak_memory_gb"]
+    print(f"train ratios: split/plain {results['split_vs_plain_time']:.2f}x time, interleaved/plain "
+          f"{results['interleaved_vs_plain_time']:.2f}x time"
+          + (f"; memory split/plain {results['split_vs_plain_memory']:.2f}x" if "split_vs_plain_memory" in results
+             else ""), flush=True)
+    del model, optimizer
+    return results
+
+
+def bench_decode(model, prompts, mask_id, eos, n_new, dev):
+    """ar, adaptive, lossless and HF generate on the same prompts."""
+    from sample import generate
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    results = {}
+    generate(model, prompts[0], "lossless", block_size, mask_id, 8, eos)  # warm-up
+    for mode in ("ar", "adaptive", "lossless", "hf_generate"):
+        tokens = forwards = 0
+        outputs = []
+        sync()
+        t = time.perf_counter()
+        for p in prompts:
+            if mode == "hf_generate":
+                out = model.generate(torch.tensor([p], device=dev), do_sample=False, max_new_tokens=n_new,
+                                     eos_token_id=list(eos) if eos else None, pad_token_id=0)
+                new = out[0, len(p):].tolist()
+                tokens, forwards = tokens + len(new), forwards + len(new)
+            else:
+                new, stats = generate(model, p, mode, block_size, mask_id, n_new, eos, threshold)
+                tokens, forwards = tokens + stats["tokens"], forwards + stats["forwards"]
+            outputs.append(new)
+        sync()
+        seconds = time.perf_counter() - t
+        results[mode] = {"tokens": tokens, "forwards": forwards, "seconds": seconds,
+                         "tokens_per_s": tokens / seconds, "tokens_per_forward": tokens / forwards,
+                         "outputs": outputs}
+    for mode, row in results.items():
+        row["speedup_vs_ar"] = row["tokens_per_s"] / results["ar"]["tokens_per_s"]
+        row["seconds_per_forward"] = row["seconds"] / row["forwards"]
+        row["forward_cost_vs_ar"] = row["seconds_per_forward"] / (results["ar"]["seconds"] / results["ar"]["forwards"])
+        row["same_as_ar"] = sum(a == b for a, b in zip(row.pop("outputs"), results["ar"].get("outputs", [])))
+        print(f"decode {mode:11s} {row['tokens_per_s']:8.1f} tok/s | {row['tokens_per_forward']:.2f} tok/forward | "
+              f"speedup {row['speedup_vs_ar']:.2f}x | forward cost {row['forward_cost_vs_ar']:.2f}x ar", flush=True)
+    for row in results.values():
+        row.pop("outputs", None)
+    ll = results["lossless"]
+    ll["speedup_over_tpf"] = ll["speedup_vs_ar"] / ll["tokens_per_forward"]
+    print(f"decode lossless: speedup / tokens-per-forward = {ll['speedup_over_tpf']:.2f} (target >= 0.8)")
+    return results
+
+
+def run_checks(cfg, dev, samples, mask_id):
+    """BlockMask vs dense (bf16 on CUDA: loss and gradients) and lossless == ar (fp32). Returns failures."""
+    from data import build_example, collate
+    from model import forward_losses
+    from sample import generate
+    failures, report = [], {}
+    flex_ok = dev.type == "cuda"
+    for layout in ("split", "interleaved"):
+        if not flex_ok:
+            print("check flex vs dense: skipped (FlexAttention has no backward on CPU)")
+            break
+        examples = [build_example(p, r, block_size, mask_id, layout, s % block_size)
+                    for s, (p, r) in enumerate(samples)]
+        L = -(-max(len(e["input_ids"]) for e in examples) // 128) * 128
+        batch = {k: v.to(dev) for k, v in collate(examples, L, 128, mask_id).items() if isinstance(v, torch.Tensor)}
+        grads, losses = {}, {}
+        for attn in ("flex_attention", "sdpa"):
+            model = build_model(cfg, attn, dev, torch.float32)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _, _ = forward_losses(model, batch)
+            loss.mean().backward()
+            losses[attn] = loss.detach().float()
+            grads[attn] = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+            del model
+        dl = ((losses["flex_attention"] - losses["sdpa"]).norm() / losses["sdpa"].norm()).item()
+        dg = ((grads["flex_attention"] - grads["sdpa"]).norm() / grads["sdpa"].norm()).item()
+        report[f"flex_vs_dense_{layout}"] = {"loss_rel_diff": dl, "grad_rel_diff": dg}
+        ok = dl < 2e-2 and dg < 5e-2
+        print(f"check flex vs dense ({layout}): loss rel diff {dl:.2e}, grad rel diff {dg:.2e} -> "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            failures.append(f"flex vs dense {layout}")
+    model = build_model(cfg, "sdpa", dev, torch.float32).eval()
+    same = 0
+    for p, _ in samples:
+        ar, _ = generate(model, p[:64], "ar", block_size, mask_id, 32)
+        ll, _ = generate(model, p[:64], "lossless", block_size, mask_id, 32)
+        same += ar == ll
+    report["lossless_equals_ar"] = f"{same}/{len(samples)}"
+    print(f"check lossless == ar (fp32): {same}/{len(samples)} -> {'ok' if same == len(samples) else 'FAIL'}")
+    if same != len(samples):
+        failures.append("lossless == ar")
+    del model
+    return failures, report
+
+
+def main():
+    from model import attention_backend
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = preset if preset != "auto" else ("qwen3-0.6b" if dev.type == "cuda" else "tiny")
+    if name not in PRESETS:
+        from configurator import UserError
+        raise UserError(f"unknown preset {name!r} (choose from auto, {', '.join(PRESETS)})")
+    cfg, p_rows, p_len, p_prompt, p_dec, p_new = PRESETS[name]
+    n_rows, length, n_prompt = rows or p_rows, seq_len or p_len, prompt_len or p_prompt
+    attn = attention_backend("auto", dev)
+    mask_id = cfg["vocab_size"] - 1
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench.py | {machine} | torch {torch.__version__} | preset {name} | attention {attn} | "
+          f"block_size {block_size}", flush=True)
+    out = {"machine": machine, "torch": torch.__version__, "preset": name, "attention": attn,
+           "block_size": block_size}
+    import transformers
+    out["transformers"] = transformers.__version__
+    samples = samples_for(n_rows, length, n_prompt, cfg["vocab_size"])
+    failures = []
+    if check:
+        failures, out["check"] = run_checks(cfg, dev, samples, mask_id)
+    if "train" in what:
+        out["train"] = bench_train(cfg, dev, attn, samples, mask_id)
+    if "decode" in what:
+        n_new = max_new_tokens or p_new
+        if ckpt:
+            import data as datamod
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from model import find_hf_folder
+            path = find_hf_folder(ckpt)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(dev).eval()
+            tok = AutoTokenizer.from_pretrained(path)
+            rows_ = datamod.load_samples(data)[:decode_samples or 50]
+            prompts = [datamod.render_prompt(tok, m)[1] for m, _, _ in rows_]
+            eos = {datamod.end_of_turn_id(tok)}
+            mid = model.config.mask_token_id
+            out["decode_model"] = path
+        else:
+            model = build_model(cfg, "sdpa", dev, torch.float32).eval()
+            prompts = [p[:n_prompt] for p, _ in samples_for(decode_samples or p_dec, n_prompt + 1, n_prompt,
+                                                               cfg["vocab_size"])]
+            eos, mid = None, mask_id
+            out["decode_model"] = f"random {name}"
+        print(f"decode: {len(prompts)} prompts, {n_new} new tokens max, model {out['decode_model']}", flush=True)
+        out["decode"] = bench_decode(model, prompts, mid, eos, n_new, dev)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+    if failures:
+        print(f"FAILED checks: {', '.join(failures)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    configure(globals())
+    main()
