@@ -257,12 +257,12 @@ def main():
         n_new = max_new_tokens or p_new
         if ckpt:
             import data as datamod
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
-            from model import find_hf_folder
+            from model import find_hf_folder, load_tokenizer
             path = find_hf_folder(ckpt)
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(dev).eval()
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = load_tokenizer(path)
             rows_ = datamod.load_samples(data)[:decode_samples or 50]
             prompts = [datamod.render_prompt(tok, m)[1] for m, _, _ in rows_]
             eos = {datamod.end_of_turn_id(tok)}

@@ -10,7 +10,6 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
   export_hf          a Hugging Face folder (save_pretrained + tokenizer) gathered from every rank
   checkpoints        the complete checkpoints of a run, and the Hugging Face folder a path points to
 """
-import copy
 import os
 import re
 
@@ -22,6 +21,8 @@ from configurator import UserError
 from mask import block_mask, dense_mask
 
 MASK_TOKEN = "<|mask|>"
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model"}
 try:  # loading and saving tiny models should not draw progress bars
     from transformers.utils import logging as _hf_logging
     _hf_logging.disable_progress_bar()
@@ -98,25 +99,34 @@ def add_mask_token(model, tokenizer):
     return mask_id
 
 
+def load_tokenizer(path):
+    """The tokenizer saved in a model folder, or one clear error."""
+    from transformers import AutoTokenizer
+    # transformers quietly builds an empty tokenizer for a folder without one: look for its files first
+    if not TOKENIZER_FILES & set(os.listdir(path)):
+        raise UserError(f"{path}: no tokenizer in the model folder (none of {', '.join(sorted(TOKENIZER_FILES))})"
+                        ": save the tokenizer beside the model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
 def load_model(init_from, device="cpu", attention="auto", demo_overrides=None):
     """(model in fp32 on device, tokenizer, mask_token_id). init_from: a local HF folder, or 'demo'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     backend = attention_backend(attention, device)
     if init_from == "demo":
         tokenizer = demo_tokenizer()
-        config = demo_config(**(demo_overrides or {}))
-        from transformers import AutoModelForCausalLM as Auto
-        model = Auto.from_config(copy.deepcopy(config), attn_implementation=backend, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(demo_config(**(demo_overrides or {})),
+                                                 attn_implementation=backend, dtype=torch.float32)
     else:
         if not os.path.isdir(init_from):
             raise UserError(f"init_from={init_from!r} is not a folder (a local Hugging Face model, or 'demo'; "
                             "nothing is downloaded)")
         if not os.path.exists(os.path.join(init_from, "config.json")):
             raise UserError(f"{init_from}: no config.json, not a Hugging Face model folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(init_from)
-        except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"{init_from}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        tokenizer = load_tokenizer(init_from)
         model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=backend, dtype=torch.float32)
     mask_id = add_mask_token(model, tokenizer)
     return model.to(device), tokenizer, mask_id

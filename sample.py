@@ -48,7 +48,7 @@ dtype = "float32"                      # 'float32' (lossless == ar exactly) or '
 # ---------------------------------------------------------------------------------------------------------------
 from configurator import UserError  # noqa: E402
 from mask import dense_mask  # noqa: E402
-from model import cache_kwarg, find_hf_folder  # noqa: E402
+from model import cache_kwarg, find_hf_folder, load_tokenizer  # noqa: E402
 
 SCENARIOS = ("ar", "tf", "block", "block_tf", "adaptive", "lossless")
 MODES = ("ar", "block", "adaptive", "lossless")
@@ -229,7 +229,7 @@ def table(rows):
 
 def main():
     import data as datamod
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     global block_size
     wanted = list(SCENARIOS) if scenario == "all" else [s.strip() for s in scenario.split(",")]
     for s in wanted:
@@ -237,7 +237,7 @@ def main():
             raise UserError(f"unknown scenario {s!r} (choose from {', '.join(SCENARIOS)}, or all)")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = find_hf_folder(ckpt or out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=getattr(torch, dtype))
     model = model.to(dev).eval()
     mask_id = getattr(model.config, "mask_token_id", None)

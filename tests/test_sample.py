@@ -204,6 +204,9 @@ def test_cli_bad_input(tmp_path, trained_demo):
     plain = tiny_model(vocab_size=128)
     plain.save_pretrained(tmp_path / "plain")
     demo_tokenizer().save_pretrained(tmp_path / "plain")
+    plain.save_pretrained(tmp_path / "no_tokenizer")
+    p = sample_cli(f"--ckpt={tmp_path}/no_tokenizer", "--prompt=What is 1+2?")
+    assert p.returncode == 1 and "no tokenizer in the model folder" in p.stderr and p.stderr.count("\n") == 1
     p = sample_cli(f"--ckpt={tmp_path}/plain", "--prompt=What is 1+2?", "--scenario=lossless")
     assert p.returncode == 1 and "has no mask token" in p.stderr and p.stderr.count("\n") == 1
     p = sample_cli(f"--ckpt={tmp_path}/plain", f"--data={trained_demo['test']}", "--num_samples=2",

@@ -139,12 +139,16 @@ def test_nan_loss_stops_with_a_message(tmp_path, train_file):
     (["--max_steps=two"], {}, "--max_steps: expected int, got 'two'"),
     (["--train_files=/nonexistent/x.parquet"], {}, "data file '/nonexistent/x.parquet' not found"),
     (["--init_from=/nonexistent"], {}, "init_from='/nonexistent' is not a folder"),
+    (["--init_from={tmp}/model_only"], {}, "model_only: no tokenizer in the model folder"),
     (["--resume=maybe"], {}, "resume must be 'auto' or 'disable'"),
     (["--block_offset=later"], {}, "block_offset must be 'random' or an int"),
     # checked before waiting for the other rank, which never comes here
     (["--gradient_accumulation_steps=3"], {"WORLD_SIZE": "2"}, "must be divisible by the 2 ranks"),
 ])
 def test_bad_input_is_one_line(tmp_path, train_file, args, env, message):
+    from conftest import tiny_model
+    tiny_model().save_pretrained(tmp_path / "model_only")  # weights and config, no tokenizer
+    args = [a.format(tmp=tmp_path) for a in args]
     p = train(tmp_path, "--max_steps=1", *args, check=False, env=env, train_files=train_file)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
     assert p.stderr.strip().count("\n") == 0, p.stderr
