@@ -39,7 +39,7 @@ num_samples = 100                      # the first N rows of data; 0 = all
 max_new_tokens = 256                   # per sample
 block_size = 0                         # 0 = the trained block size (a different value warns and uses the trained one)
 threshold = 0.7                        # adaptive: keep an offset while its top-1 probability is >= this
-answer_regex = ""                      # the answer in a text (group 1); '' = after "The answer is", else the last number
+answer_regex = ""                      # the answer (group 1); '' = after "The answer is", else the last number
 verbose = False                        # print every forward's tokens with their top-5 probabilities
 color = None                           # colour each forward's tokens: None = on a terminal; True/False force it
 summary_json = ""                      # also write the summary numbers to this JSON file

@@ -29,8 +29,8 @@ import torch.distributed as dist
 # I/O
 out_dir = "out/demo"                      # checkpoints and metrics.jsonl [trainer.default_local_dir]
 init_from = "demo"                        # a local Hugging Face model folder, or "demo" [model.partial_pretrain]
-resume = "auto"                           # 'auto': continue from the newest complete checkpoint | 'disable' [trainer.resume_mode]
-save_every = 0                            # optimizer steps between checkpoints; 0: only at the end [trainer.save_checkpoint_steps]
+resume = "auto"                           # 'auto': go on from the newest complete checkpoint; 'disable' [trainer.resume_mode]
+save_every = 0                            # steps between checkpoints; 0: at the end only [trainer.save_checkpoint_steps]
 keep_last = 3                             # checkpoints kept in out_dir, newest first [trainer.max_ckpt_to_keep]
 log_every = 10                            # steps between console lines / metrics.jsonl rows [trainer.logger: console]
 eval_every = 0                            # steps between validations on val_files; 0: only at the end
@@ -43,7 +43,7 @@ val_files = "data/demo/test.parquet"      # parquet for validation; None: no val
 prompt_key = "prompt"                     # prompt column [data.prompt_key]
 response_key = "target"                   # response column [data.response_key]
 prompt_format = None                      # e.g. 'Question: {prompt}\nAnswer: ' for tokenizers without a chat template
-demo_data = True                          # write the synthetic data set of the demo if train_files are data/demo/ and missing
+demo_data = True                          # write the demo's data set when train/val_files are data/demo/ and missing
 max_length = 256                          # tokens per packed row, masks included [data.max_length]
 block_size = 4                            # tokens predicted per forward pass [data.block_size]
 layout = "split"                          # 'split' (faster) or 'interleaved' (the seed's): same math, DESIGN.md 2
@@ -51,7 +51,8 @@ block_offset = "random"                   # 'random' (per sample and epoch) or a
 mask_loss_weight = 1.0                    # weight of the mask (offset >= 1) tokens in the loss
 # optimization
 batch_size = 16                           # samples per micro-batch per device [data.micro_batch_size_per_gpu]
-gradient_accumulation_steps = 1           # micro-batches per optimizer step, over all ranks (nanoGPT); the seed counts per GPU [optim.gradient_accumulation_steps]
+# micro-batches per optimizer step over all ranks (nanoGPT); the seed counted per GPU [optim.gradient_accumulation_steps]
+gradient_accumulation_steps = 1
 learning_rate = 6e-3                      # peak learning rate [optim.lr]
 min_lr = 6e-4                             # learning rate at the end of the cosine decay
 warmup_ratio = 0.05                       # fraction of the steps spent warming up linearly [optim.warmup_steps_ratio]
@@ -59,7 +60,7 @@ weight_decay = 0.01                       # AdamW decay on 2-D weights (betas 0.
 grad_clip = 1.0                           # clip the global grad norm to this; 0: no clipping [optim.clip_grad]
 epochs = 4                                # passes over train_files [trainer.total_epochs]
 max_steps = 0                             # optimizer steps; 0: epochs x steps per epoch [trainer.total_training_steps]
-gradient_checkpointing = False            # recompute activations in backward to save memory [model.enable_gradient_checkpointing]
+gradient_checkpointing = False            # recompute activations in backward [model.enable_gradient_checkpointing]
 # model: the demo's tiny Qwen3 (init_from="demo" only)
 n_layer = 4                               # decoder layers
 n_embd = 128                              # hidden size
@@ -68,7 +69,7 @@ n_head = 4                                # attention heads
 device = "auto"                           # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
 dtype = "auto"                            # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
 compile = False                           # torch.compile each decoder layer
-attention = "auto"                        # 'auto' (flex on CUDA, sdpa elsewhere), 'flex' (BlockMask), 'sdpa' (dense mask)
+attention = "auto"                        # 'auto' (flex on CUDA, else sdpa), 'flex' (BlockMask), 'sdpa' (dense mask)
 parallel = "fsdp"                         # with several ranks: 'fsdp' (FSDP2) or 'ddp' [their trainer: FSDP]
 seed = 1337                               # model init (demo), data order, block offsets
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +145,18 @@ if dtype == "auto":
 ptdtype = getattr(torch, dtype)
 print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device {device} | "
        f"dtype {dtype} | out_dir {out_dir}")
+
+# refuse early an out_dir that holds another run: resuming it would mix two trainings
+existing = checkpoints(out_dir)
+if existing and resume == "auto":
+    with open(os.path.join(existing[-1][1], "checkpoint.json")) as f:
+        theirs = json.load(f)["config"]
+    clash = [k for k in ("init_from", "block_size") if theirs.get(k) != config[k]]
+    if clash:
+        theirs_text = ", ".join(f"{k}={theirs.get(k)!r}" for k in clash)
+        ours_text = ", ".join(f"{k}={config[k]!r}" for k in clash)
+        raise UserError(f"out_dir {out_dir!r} holds another run ({theirs_text}, this one has {ours_text}): use "
+                        "another out_dir, or --resume=disable to start over there (its checkpoints get replaced)")
 
 # ---------------------------------------------------------------------------------------------------------------
 # data and model
@@ -274,20 +287,13 @@ def load_checkpoint(path):
 
 
 step = 0
-existing = checkpoints(out_dir)
-if existing:
-    with open(os.path.join(existing[-1][1], "checkpoint.json")) as f:
-        theirs = json.load(f)["config"]
-    clash = [k for k in ("init_from", "block_size") if theirs.get(k) != config[k]]
-    if clash and resume == "auto":
-        raise UserError(f"out_dir {out_dir!r} holds another run ({', '.join(f'{k}={theirs.get(k)!r}' for k in clash)}"
-                        f", this one has {', '.join(f'{k}={config[k]!r}' for k in clash)}): use another out_dir, "
-                        "or --resume=disable to start over there (its checkpoints get replaced)")
-    if resume == "auto":
-        step = load_checkpoint(existing[-1][1])
-        print0(f"resumed from {existing[-1][1]} (step {step}, epoch {batches.epoch})")
-    else:
-        print0(f"note: resume='disable': starting over; the {len(existing)} checkpoints in {out_dir} get replaced")
+if existing and resume == "auto":
+    step = load_checkpoint(existing[-1][1])
+    print0(f"resumed from {existing[-1][1]} (step {step}, epoch {batches.epoch})")
+elif existing:
+    print0(f"note: resume='disable': starting over; the {len(existing)} checkpoints in {out_dir} get replaced")
+if step >= total_steps:
+    print0(f"nothing to do: {out_dir} already holds step {step} of {total_steps} (raise max_steps or epochs to go on)")
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation
