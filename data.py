@@ -216,8 +216,7 @@ def build_example(prompt_ids, response_ids, block_size, mask_token_id, layout="s
     if P < 1 or n < 1:
         raise UserError(f"a sample needs a prompt and a response, got {P} and {n} tokens")
     x = np.asarray(list(prompt_ids) + list(response_ids), dtype=np.int64)
-    starts = np.arange(B - block_offset if block_offset else B, n, B)
-    starts = np.concatenate([[0], starts])
+    starts = np.concatenate([[0], np.arange(B - block_offset if block_offset else B, n, B)])  # block starts
     i = np.arange(n)
     block_of = np.searchsorted(starts, i, side="right") - 1  # block index of response token i
     first_of = starts[block_of]                              # a: start of the block of response token i
@@ -230,7 +229,7 @@ def build_example(prompt_ids, response_ids, block_size, mask_token_id, layout="s
         offset=np.where((t >= P - 1) & (t < P + n - 1), 0, -1),
         block_start=np.isin(t, P + starts - 1),
         last_needed=t - P,
-        sort_block=np.where(t < P, -1, np.append(np.full(P, -1), first_of)), sort_group=np.ones(P + n, int))
+        sort_block=np.append(np.full(P, -1), first_of), sort_group=np.ones(P + n, int))
 
     # masks: M stands in for r_i when r_{i+1} is in the same block
     m = i[:-1][block_of[:-1] == block_of[1:]]

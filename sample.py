@@ -71,6 +71,8 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if len(prompt_ids) == 0:
         raise UserError("empty prompt: there is nothing to decode from")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if mode != "ar" and mask_token_id is None:
         raise UserError(f"mode {mode!r} needs a mask token: this model was not trained by train.py")
     device = next(model.parameters()).device
@@ -78,8 +80,9 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
     cache, cache_arg = DynamicCache(config=model.config), cache_kwarg(model)
     out, forwards = [], 0
 
-    def forward(tokens, positions, limits, is_mask):
-        """Logits [Q, vocab] of new query tokens given their metadata; keys are the cache plus these tokens."""
+    def forward(tokens, positions, limits, is_mask, keep=0):
+        """Logits [keep or Q, vocab] of the last `keep` (0: all) new query tokens, given every new token's
+        metadata; the keys are the cache plus the new tokens. Logits of a long prompt are never needed."""
         nonlocal forwards
         forwards += 1
         c = cache.get_seq_length()
@@ -89,7 +92,7 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
                 "limit": torch.cat([torch.arange(1, c + 1, device=device), lim])[None],
                 "is_mask": torch.cat([torch.zeros(c, dtype=torch.bool, device=device), msk])[None]}
         return model(input_ids=ids[None], position_ids=pos[None], attention_mask=dense_mask(keys, len(ids)),
-                     use_cache=True, **{cache_arg: cache}).logits[0].float()
+                     use_cache=True, logits_to_keep=keep, **{cache_arg: cache}).logits[0].float()
 
     def crop_to(length):
         if cache.get_seq_length() > length:
@@ -116,7 +119,7 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
     P, D = len(prompt_ids), block_size - 1
     if mode == "ar":
         pos, lim, msk = clean(0, P)
-        logits = forward(list(prompt_ids), pos, lim, msk)[-1:]
+        logits = forward(list(prompt_ids), pos, lim, msk, keep=1)
         done = accept([int(logits[0].argmax())], logits)
         while not done:
             c = cache.get_seq_length()
@@ -129,7 +132,7 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
             c, n = cache.get_seq_length(), len(pending)
             cp, cl, cm = clean(c, n)
             mp, ml, mm = masks(c + n, D)
-            logits = forward(pending + [mask_token_id] * D, cp + mp, cl + ml, cm + mm)[n - 1:]  # offsets 0..B-1
+            logits = forward(pending + [mask_token_id] * D, cp + mp, cl + ml, cm + mm, keep=D + 1)  # offsets 0..D
             crop_to(c + n)
             preds, top = logits.argmax(-1).tolist(), logits.softmax(-1).max(-1).values.tolist()
             new = preds
@@ -146,10 +149,10 @@ def generate(model, prompt_ids, mode, block_size, mask_token_id, max_new_tokens,
         # prefill: the prompt and one mask group give the first verified token and the first drafts
         cp, cl, cm = clean(0, P)
         mp, ml, mm = masks(P, D)
-        logits = forward(list(prompt_ids) + [mask_token_id] * D, cp + mp, cl + ml, cm + mm)
+        logits = forward(list(prompt_ids) + [mask_token_id] * D, cp + mp, cl + ml, cm + mm, keep=D + 1)
         crop_to(P)
-        drafts = logits[P:].argmax(-1).tolist()
-        done = accept([int(logits[P - 1].argmax())], logits[P - 1:P])
+        drafts = logits[1:].argmax(-1).tolist()
+        done = accept([int(logits[0].argmax())], logits[:1])
         while not done:
             # [pending][d_1..d_D as clean][G_0]..[G_D]: group G_i drafts after the clean prefix ending at d_i
             c = cache.get_seq_length()

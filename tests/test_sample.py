@@ -75,7 +75,7 @@ class Scripted(torch.nn.Module):
     def token(self, position):
         return self.eos_id if position == self.eos_position else 1 + position % 40
 
-    def forward(self, input_ids, position_ids, attention_mask, use_cache, **cache):
+    def forward(self, input_ids, position_ids, attention_mask, use_cache, logits_to_keep=0, **cache):
         out = self.inner(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                          use_cache=use_cache, **{cache_kwarg(self.inner): next(iter(cache.values()))})
         logits = torch.full_like(out.logits, 0.0)
@@ -88,7 +88,7 @@ class Scripted(torch.nn.Module):
             p = 0.99 if j < 0 else self.mask_probs[j]
             logits[0, q] = torch.log(torch.tensor((1 - p) / 63))
             logits[0, q, target] = torch.log(torch.tensor(p))
-        out.logits = logits
+        out.logits = logits[:, -logits_to_keep:]
         return out
 
 
