@@ -148,7 +148,7 @@ def render_prompt(tokenizer, prompt, prompt_format=None):
         return text, tokenizer(text).input_ids  # the tokenizer adds BOS if it uses one
     if not tokenizer.chat_template:
         raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: set prompt_format, "
-                        "e.g. --prompt_format='Question: {prompt}\\nAnswer: '")
+                        "e.g. prompt_format = 'Question: {prompt}\\nAnswer: ' in a config file")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text, tokenizer(text, add_special_tokens=False).input_ids  # the template holds BOS if any
 

@@ -17,7 +17,7 @@ def test_demo_end_to_end(trained_demo, tmp_path):
                         f"--data={trained_demo['test']}", "--num_samples=10", "--color=True"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    table = p.stdout[p.stdout.index("scenario"):]
+    table = p.stdout[p.stdout.index("scenario  samples"):]
     for name in ("ar", "tf", "block", "block_tf", "adaptive", "lossless"):
         assert f"\n{name:>8} " in table, table
     assert "10/10" in table.split("lossless")[1]  # lossless decodes exactly what ar decodes
