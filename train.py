@@ -174,6 +174,8 @@ demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
 model, tokenizer, mask_token_id = load_model(init_from, device, attention, demo_overrides)
 model.config.next_block_size = block_size  # exported with the model: sample.py decodes with it
 attn_impl = attention_backend(attention, device)
+if attn_impl == "flex_attention" and device.type != "cuda":
+    raise UserError("attention='flex' needs CUDA: FlexAttention has no backward on CPU (use attention='sdpa')")
 pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile; sdpa: little padding
 
 train_samples, dropped, truncated = data.drop_too_long(data.encode_samples(tokenizer, train_rows, prompt_format),

@@ -142,6 +142,7 @@ def test_nan_loss_stops_with_a_message(tmp_path, train_file):
     (["--init_from={tmp}/model_only"], {}, "model_only: no tokenizer in the model folder"),
     (["--resume=maybe"], {}, "resume must be 'auto' or 'disable'"),
     (["--max_length=10"], {}, "no training samples left: every prompt in"),
+    (["--device=cpu", "--attention=flex"], {}, "attention='flex' needs CUDA"),
     (["--block_offset=later"], {}, "block_offset must be 'random' or an int"),
     # checked before waiting for the other rank, which never comes here
     (["--gradient_accumulation_steps=3"], {"WORLD_SIZE": "2"}, "must be divisible by the 2 ranks"),
