@@ -49,7 +49,7 @@ def trained_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     files = write_demo_data(str(root / "data"), n_train=800, n_test=40)
     steps = 150
-    cmd = [sys.executable, "train.py", f"--out_dir={root}/out", f"--train_files={files['train']}",
+    cmd = [sys.executable, "train.py", "--device=cpu", f"--out_dir={root}/out", f"--train_files={files['train']}",
            f"--val_files={files['test']}", "--demo_data=False", "--n_layer=2", "--n_embd=64", f"--max_steps={steps}",
            "--batch_size=8", "--log_every=50"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

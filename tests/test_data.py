@@ -158,7 +158,8 @@ def test_gpt2_without_template():
 
 def test_encode_samples_on_gsm8k_style_parquet(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
-             "target": [{"role": "assistant", "content": f"<think>\n{i}+{i}={2 * i}\n</think>\n\nThe answer is {2 * i}."}]}
+             "target": [{"role": "assistant",
+                         "content": f"<think>\n{i}+{i}={2 * i}\n</think>\n\nThe answer is {2 * i}."}]}
             for i in range(5)]
     encoded = encode_samples(demo_tokenizer(), load_samples(write_parquet(tmp_path / "t.parquet", rows)))
     assert len(encoded) == 5 and all(r[-1] == demo_tokenizer().convert_tokens_to_ids("<|end|>") for _, r in encoded)
@@ -230,8 +231,8 @@ def test_drop_too_long_counts():
 
 def _samples(n, seed=0):
     rng = random.Random(seed)
-    return [([rng.randint(1, 50) for _ in range(rng.randint(1, 5))], [rng.randint(1, 50) for _ in range(rng.randint(1, 9))])
-            for _ in range(n)]
+    return [([rng.randint(1, 50) for _ in range(rng.randint(1, 5))],
+             [rng.randint(1, 50) for _ in range(rng.randint(1, 9))]) for _ in range(n)]
 
 
 def _docs(micro):

@@ -13,7 +13,7 @@ from configurator import configure
 
 def test_demo_end_to_end(trained_demo, tmp_path):
     assert "eval step" in trained_demo["stdout"] and "tpf_tf" in trained_demo["stdout"]
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={trained_demo['out_dir']}",
+    p = subprocess.run([sys.executable, "sample.py", "--device=cpu", f"--out_dir={trained_demo['out_dir']}",
                         f"--data={trained_demo['test']}", "--num_samples=10", "--color=True"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
@@ -26,9 +26,9 @@ def test_demo_end_to_end(trained_demo, tmp_path):
 
 def test_train_writes_the_demo_data_when_missing(tmp_path):
     """`python train.py` with the defaults, from a fresh directory: the data set appears, training runs."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2", "--n_layer=1",
-                        "--n_embd=32", "--n_head=2", "--val_files=None"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--device=cpu", "--max_steps=2",
+                        "--n_layer=1", "--n_embd=32", "--n_head=2", "--val_files=None"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "writing the synthetic data set" in p.stdout
     assert os.path.exists(tmp_path / "data/demo/train.parquet") and os.path.exists(tmp_path / "data/demo/test.parquet")

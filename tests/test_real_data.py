@@ -31,8 +31,9 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
                        initializer_range=0.02)
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    p = subprocess.run([sys.executable, "train.py", f"--init_from={tmp_path}/base", f"--train_files={train}",
-                        f"--val_files={test}", f"--out_dir={tmp_path}/out", "--max_steps=2", "--batch_size=4",
+    p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--init_from={tmp_path}/base",
+                        f"--train_files={train}", f"--val_files={test}", f"--out_dir={tmp_path}/out", "--max_steps=2",
+                        "--batch_size=4",
                         "--max_length=512", "--demo_data=False", "--learning_rate=1e-3", "--log_every=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -40,7 +41,7 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
     assert "eval step 2" in p.stdout
     exported = json.load(open(tmp_path / "out" / "global_step_2" / "huggingface" / "config.json"))
     assert exported["mask_token_id"] == 151669 and exported["vocab_size"] == 151936
-    s = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/out", f"--data={test}",
+    s = subprocess.run([sys.executable, "sample.py", "--device=cpu", f"--out_dir={tmp_path}/out", f"--data={test}",
                         "--scenario=ar,lossless,block_tf", "--max_new_tokens=6", "--num_samples=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert s.returncode == 0, s.stderr[-3000:]

@@ -151,8 +151,8 @@ def test_extract_answer():
 # ---------------------------------------------------------------- the command line, on a briefly trained model
 
 def sample_cli(*args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run([sys.executable, "sample.py", "--device=cpu", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_lossless_equals_ar_on_a_trained_model(trained_demo):

@@ -13,8 +13,9 @@ import torch
 from conftest import ROOT
 from data import write_demo_data
 
-TINY = ["--init_from=demo", "--n_layer=2", "--n_embd=32", "--n_head=2", "--max_length=128", "--demo_data=False",
-        "--val_files=None", "--log_every=1", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_ratio=0.1"]
+TINY = ["--device=cpu", "--init_from=demo", "--n_layer=2", "--n_embd=32", "--n_head=2", "--max_length=128",
+        "--demo_data=False", "--val_files=None", "--log_every=1", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--warmup_ratio=0.1"]
 
 
 @pytest.fixture(scope="module")
