@@ -358,6 +358,13 @@ peak = peak_flops(device)
 from tqdm import tqdm  # noqa: E402
 
 bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def log_line(line):
+    """A console line on rank 0, printed above the progress bar when there is one."""
+    bar.write(line) if not bar.disable else print0(line)
+
+
 metrics = {}
 t0 = time.time()
 while step < total_steps:
@@ -374,20 +381,19 @@ while step < total_steps:
         batch = to_device(batch)
         with autocast:
             losses, _, is_mask = forward_losses(model, batch)
-        weights = torch.where(is_mask, mask_loss_weight, 1.0)
+        weighted = (losses * torch.where(is_mask, mask_loss_weight, 1.0)).sum()
         # x world: DDP and FSDP average gradients over ranks, and this loss is already global
-        loss = (losses * weights).sum() * (world / supervised)
-        loss.backward()
+        (weighted * (world / supervised)).backward()
         real = batch["doc_ids"] >= 0
         stats[:7] += torch.stack([x.detach().double() for x in (
-            (losses * weights).sum(), losses[~is_mask].sum(), (~is_mask).sum(), losses[is_mask].sum(),
+            weighted, losses[~is_mask].sum(), (~is_mask).sum(), losses[is_mask].sum(),
             is_mask.sum(), (real & ~batch["is_mask"]).sum(), real.sum())])
     stats[7] = float(stop_requested)  # every rank learns of a SIGTERM that reached any of them
     stats = all_sum(stats)
     loss_sum, ar_sum, ar_n, mask_sum, mask_n, clean_tokens, all_tokens, stop_votes = stats.tolist()
     loss_value = loss_sum / supervised.item()
     if not math.isfinite(loss_value):
-        last = checkpoints(out_dir)[-1][1] if checkpoints(out_dir) else "none"
+        last = (checkpoints(out_dir) or [(0, "none")])[-1][1]
         raise UserError(f"loss is {loss_value} at step {step + 1}: stopping without saving (newest checkpoint: "
                         f"{last}); lower learning_rate or check the data")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -409,7 +415,7 @@ while step < total_steps:
         line = (f"step {step}/{total_steps} | loss {loss_value:.4f} (ar {metrics['loss_ar']:.3f}, mask "
                 f"{metrics['loss_mask']:.3f}) | lr {lr:.1e} | grad_norm {metrics['grad_norm']:.2f} | "
                 f"{all_tokens / dt / 1e3:.1f}k tok/s{mfu}")
-        bar.write(line) if not bar.disable else print0(line)
+        log_line(line)
         log_json(metrics)
         if run:
             run.log(metrics, step=step)
@@ -419,7 +425,7 @@ while step < total_steps:
         accs = " ".join(f"{val[f'acc@{k}']:.2f}" for k in range(block_size))
         line = (f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | val_loss_mask {val['val_loss_mask']:.4f}"
                 f" | acc@0..{block_size - 1} {accs} | tpf_tf {val['tpf_tf']:.2f}")
-        bar.write(line) if not bar.disable else print0(line)
+        log_line(line)
         log_json({"step": step, **val})
         if run:
             run.log(val, step=step)
