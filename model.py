@@ -250,8 +250,9 @@ def checkpoints(out_dir):
 def find_hf_folder(path):
     """The Hugging Face folder that path means: itself, its huggingface/ subfolder, or that of the newest
     complete checkpoint when path is a run's out_dir."""
-    if checkpoints(path):
-        path = checkpoints(path)[-1][1]
+    complete = checkpoints(path)
+    if complete:
+        path = complete[-1][1]
     for folder in (path, os.path.join(path, "huggingface")):
         if os.path.exists(os.path.join(folder, "config.json")):
             return folder
