@@ -11,6 +11,7 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
   checkpoints        the complete checkpoints of a run, and the Hugging Face folder a path points to
 """
 import os
+import copy
 import re
 
 import torch
@@ -233,6 +234,10 @@ def export_hf(model, tokenizer, path, master, dtype=None):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         unwrap(model).save_pretrained(path, state_dict=state)
+        if dtype is not None:  # save_pretrained wrote the fp32 master's dtype: say what the weights are in
+            config = copy.deepcopy(unwrap(model).config)
+            config.dtype = dtype
+            config.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
 

@@ -188,3 +188,8 @@ def test_export_loads_with_auto_classes_and_matches_training_model(tmp_path):
         masked = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       attention_mask=dense_mask(batch))
         torch.testing.assert_close(loaded(**masked).logits, model(**masked).logits)
+    # a bf16 run exports bf16 weights and says so in config.json; the live model keeps its fp32 config
+    export_hf(model, tok, str(tmp_path / "bf16"), master=True, dtype=torch.bfloat16)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    assert str(model.config.dtype).endswith("float32")  # (save_pretrained itself turns it into a str)
