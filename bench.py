@@ -222,8 +222,8 @@ def check_flex(cfg, dev, samples, mask_id):
         runs = {"flex_fp32": _loss_and_grads(cfg, "flex_attention", dev, batch, bf16=False),
                 "flex_bf16": _loss_and_grads(cfg, "flex_attention", dev, batch, bf16=True),
                 "dense_bf16": _loss_and_grads(cfg, "sdpa", dev, batch, bf16=True)}
-        r = {f"{run}_{what}_rel_diff": rel(got[i], ref[i]) for run, got in runs.items()
-             for i, what in enumerate(("loss", "grad"))}
+        r = {f"{run}_{kind}_rel_diff": rel(got[i], ref[i]) for run, got in runs.items()
+             for i, kind in enumerate(("loss", "grad"))}
         ok = (r["flex_fp32_loss_rel_diff"] < 1e-3
               and r["flex_bf16_loss_rel_diff"] <= max(2 * r["dense_bf16_loss_rel_diff"], 1e-2))
         if ref[1] is not None:
@@ -314,6 +314,16 @@ def main():
                                                                                                p_dec)
     failures = []
 
+    def save():
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(out, f, indent=1)
+
+    try:
+        save()  # now, so that a bad path fails before any part runs
+    except OSError as e:
+        raise UserError(f"json_path={json_path!r}: {e.strerror}") from None
+
     def section(part, fn):
         """Run one part. A crash is printed and recorded, and the other parts still run, and the JSON is
         rewritten after every part: a GPU session may get one try, and a partial result beats none."""
@@ -331,9 +341,7 @@ def main():
             torch.cuda.empty_cache()
         out["seconds"][part] = time.perf_counter() - t
         print(f"[{part}: {out['seconds'][part]:.0f} s]", flush=True)
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(out, f, indent=1)
+        save()
 
     if check:
         for part, fn in (("check_flex", check_flex), ("check_lossless", check_lossless)):

@@ -46,7 +46,8 @@ def test_a_crashing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypat
 
 def test_bad_keys_are_one_line_errors():
     for arg, message in (("--what=trian", "what='trian'"), ("--preset=qwen9", "unknown preset 'qwen9'"),
-                         ("--block_size=0", "block_size must be >= 1")):
+                         ("--block_size=0", "block_size must be >= 1"),
+                         ("--json_path=/nonexistent/b.json", "json_path='/nonexistent/b.json': No such file")):
         p = subprocess.run([sys.executable, "bench.py", "--device=cpu", arg], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
