@@ -141,7 +141,6 @@ def bench_train(cfg, dev, attn, samples, mask_id):
           f"{results['interleaved_vs_plain_time']:.2f}x time"
           + (f"; memory split/plain {results['split_vs_plain_memory']:.2f}x" if "split_vs_plain_memory" in results
              else ""), flush=True)
-    del model, optimizer
     return results
 
 

@@ -18,7 +18,6 @@ In Python:  from sample import generate
             tokens, stats = generate(model, prompt_ids, "lossless", 4, model.config.mask_token_id, 256, eos_id)
 """
 import json
-import os
 import re
 import sys
 import time
