@@ -145,31 +145,33 @@ def bench_train(cfg, dev, attn, samples, mask_id):
 
 
 def bench_decode(model, prompts, mask_id, eos, n_new, dev, B):
-    """ar, adaptive, lossless and HF generate on the same prompts, blocks of B tokens."""
+    """ar, adaptive, lossless and HF generate on the same prompts, blocks of B tokens. The modes take turns on
+    each prompt, so that a change in the machine's load (a shared CPU) weighs on every mode alike."""
     from sample import generate
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    results = {}
+    modes = ("ar", "adaptive", "lossless", "hf_generate")
+    results = {m: {"tokens": 0, "forwards": 0, "seconds": 0.0, "outputs": []} for m in modes}
     generate(model, prompts[0], "lossless", B, mask_id, 8, eos)  # warm-up
-    for mode in ("ar", "adaptive", "lossless", "hf_generate"):
-        tokens = forwards = 0
-        outputs = []
-        sync()
-        t = time.perf_counter()
-        for p in prompts:
+    for p in prompts:
+        for mode in modes:
+            row = results[mode]
+            sync()
+            t = time.perf_counter()
             if mode == "hf_generate":
                 out = model.generate(torch.tensor([p], device=dev), do_sample=False, max_new_tokens=n_new,
                                      eos_token_id=list(eos) if eos else None, pad_token_id=0)
                 new = out[0, len(p):].tolist()
-                tokens, forwards = tokens + len(new), forwards + len(new)
+                stats = {"tokens": len(new), "forwards": len(new)}
             else:
                 new, stats = generate(model, p, mode, B, mask_id, n_new, eos, threshold)
-                tokens, forwards = tokens + stats["tokens"], forwards + stats["forwards"]
-            outputs.append(new)
-        sync()
-        seconds = time.perf_counter() - t
-        results[mode] = {"tokens": tokens, "forwards": forwards, "seconds": seconds,
-                         "tokens_per_s": tokens / seconds, "tokens_per_forward": tokens / forwards,
-                         "outputs": outputs}
+            sync()
+            row["seconds"] += time.perf_counter() - t
+            row["tokens"] += stats["tokens"]
+            row["forwards"] += stats["forwards"]
+            row["outputs"].append(new)
+    for row in results.values():
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row["tokens_per_forward"] = row["tokens"] / row["forwards"]
     ar, ar_outputs = results["ar"], results["ar"]["outputs"]
     for mode, row in results.items():
         row["speedup_vs_ar"] = row["tokens_per_s"] / ar["tokens_per_s"]
