@@ -3,7 +3,7 @@ Speed, measured side by side in one run: ratios on the same samples and the same
 
   python bench.py                                  # CPU-sized: a tiny random model, dense-mask (SDPA) path
   python bench.py --preset=qwen3-0.6b              # CUDA: Qwen3-0.6B's shape, random weights (no download)
-  python bench.py --check=True --json_path=b.json  # CUDA: correctness checks first, then the benchmarks
+  python bench.py --check=True --json=b.json       # CUDA: correctness checks first, then the benchmarks
   python bench.py --what=decode --ckpt=out/demo    # decoding speed of a trained checkpoint on its data
 
 train:  one optimizer step (forward, backward, AdamW) on the same samples as (a) plain SFT: clean tokens,
@@ -16,7 +16,7 @@ check:  the BlockMask path equals the dense path (loss and gradients, fp32 and b
 Every part runs even when an earlier one crashed (its traceback is printed and kept in the JSON, which is
 rewritten after each part); a failed check or a crash makes the exit code 1.
 """
-import json
+import json as jsonlib  # 'json' is the config key that names the output file
 import statistics
 import sys
 import time
@@ -40,7 +40,7 @@ max_new_tokens = 0            # decode: tokens per prompt; 0 = preset's
 threshold = 0.7               # adaptive decoding threshold
 device = "auto"               # 'auto', 'cpu', 'cuda'
 attention = "auto"            # train: 'auto' (flex on CUDA, else sdpa), 'flex' (BlockMask), 'sdpa' (dense mask)
-json_path = ""                # write every number here (--json_path=bench.json)
+json = ""                     # write every number here (--json=bench.json)
 seed = 0
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -316,14 +316,14 @@ def main():
     failures = []
 
     def save():
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(out, f, indent=1)
+        if json:
+            with open(json, "w") as f:
+                jsonlib.dump(out, f, indent=1)
 
     try:
         save()  # now, so that a bad path fails before any part runs
     except OSError as e:
-        raise UserError(f"json_path={json_path!r}: {e.strerror}") from None
+        raise UserError(f"json={json!r}: {e.strerror}") from None
 
     def section(part, fn):
         """Run one part. A crash is printed and recorded, and the other parts still run, and the JSON is

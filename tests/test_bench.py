@@ -13,7 +13,7 @@ TINY = dict(device="cpu", rows=1, seq_len=64, prompt_len=16, steps=1, decode_sam
 
 def test_bench_cpu_json(tmp_path):
     p = subprocess.run([sys.executable, "bench.py", "--check=True", *(f"--{k}={v}" for k, v in TINY.items()),
-                        f"--json_path={tmp_path}/b.json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        f"--json={tmp_path}/b.json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.load(open(tmp_path / "b.json"))
     for layout in ("split", "interleaved"):  # CPU: the BlockMask forward against the dense one
@@ -34,7 +34,7 @@ def test_a_crashing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypat
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench, "bench_train", broken)
-    for key, value in dict(TINY, decode_samples=1, json_path=str(tmp_path / "b.json")).items():
+    for key, value in dict(TINY, decode_samples=1, json=str(tmp_path / "b.json")).items():
         monkeypatch.setattr(bench, key, value)
     with pytest.raises(SystemExit) as exit_:
         bench.main()
@@ -47,7 +47,7 @@ def test_a_crashing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypat
 def test_bad_keys_are_one_line_errors():
     for arg, message in (("--what=trian", "what='trian'"), ("--preset=qwen9", "unknown preset 'qwen9'"),
                          ("--block_size=0", "block_size must be >= 1"),
-                         ("--json_path=/nonexistent/b.json", "json_path='/nonexistent/b.json': No such file")):
+                         ("--json=/nonexistent/b.json", "json='/nonexistent/b.json': No such file")):
         p = subprocess.run([sys.executable, "bench.py", "--device=cpu", arg], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
