@@ -1,10 +1,12 @@
-"""bench.py on CPU with tiny shapes: it runs, its JSON holds the checks, the ratios and the lossless == ar count,
-and a part that crashes is recorded without stopping the others (a GPU session may get one try)."""
+"""bench.py on CPU with tiny shapes: it runs, its JSON holds the checks, the ratios and the lossless == ar count;
+the flex check fails on a leaky mask; a part or a run that crashes is recorded without stopping the others (a GPU
+session may get one try)."""
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -52,3 +54,48 @@ def test_bad_keys_are_one_line_errors():
                            text=True, timeout=120)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
         assert message in p.stderr
+
+
+def test_the_flex_check_catches_a_mask_bug(monkeypatch):
+    """A BlockMask that lets each mask see the first clean token of its own block must fail the check."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import bench
+    import mask
+    import model
+
+    def leaky_block_mask(batch, num_queries=None):
+        d, p, lim, m = batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"]
+        rule = mask.make_mask_mod(d, p, lim, m)
+
+        def leaky(b, h, q, k):
+            return rule(b, h, q, k) | (m[b, q] & ~m[b, k] & (p[b, k] == lim[b, q]) & (d[b, q] == d[b, k]))
+
+        return create_block_mask(leaky, B=d.shape[0], H=None, Q_LEN=d.shape[1], KV_LEN=d.shape[1], device="cpu",
+                                 _compile=False)
+
+    cfg = bench.PRESETS["tiny"][0]
+    samples = bench.samples_for(2, 120, 20, cfg["vocab_size"])
+    assert bench.check_flex(cfg, torch.device("cpu"), samples, cfg["vocab_size"] - 1)["failures"] == []
+    monkeypatch.setattr(model, "block_mask", leaky_block_mask)
+    report = bench.check_flex(cfg, torch.device("cpu"), samples, cfg["vocab_size"] - 1)
+    assert report["failures"] == ["flex vs dense split", "flex vs dense interleaved"]
+    assert report["split"]["flex_fp32_loss_rel_diff"] > 1e-2
+
+
+def test_a_crashing_flex_run_fails_the_check_and_the_others_still_compare(monkeypatch):
+    import bench
+
+    def fake(cfg, attn, dev, batch, bf16):
+        if attn == "flex_attention" and not bf16:
+            raise RuntimeError("out of resource: shared memory (simulated)")
+        return torch.arange(4.0) + (0.01 if bf16 else 0.0), None
+
+    monkeypatch.setattr(bench, "_loss_and_grads", fake)
+    cfg = bench.PRESETS["tiny"][0]
+    report = bench.check_flex(cfg, torch.device("cpu"), bench.samples_for(2, 40, 8, cfg["vocab_size"]), 2047)
+    split = report["split"]
+    assert not split["ok"] and "shared memory (simulated)" in split["flex_fp32_error"]
+    assert split["dense_bf16_loss_rel_diff"] > 0
+    assert split["flex_bf16_loss_rel_diff"] == pytest.approx(split["dense_bf16_loss_rel_diff"])
+    assert report["failures"] == ["flex vs dense split", "flex vs dense interleaved"]
