@@ -75,19 +75,24 @@ def samples_for(n, length, prompt, vocab):
              torch.randint(0, vocab - 1, (length - prompt,), generator=g).tolist()) for _ in range(n)]
 
 
+def synchronize(dev):
+    """Wait for the GPU's queued work, so that a timer reads what it ran (nothing to wait for on CPU)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def timed(fn, dev, n):
     """Median seconds of fn() over n runs after two warm-ups, and the peak memory (bytes) of one run."""
     for _ in range(2):
         fn()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(n):
-        sync()
+        synchronize(dev)
         t = time.perf_counter()
         fn()
-        sync()
+        synchronize(dev)
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
     return statistics.median(times), peak
@@ -149,14 +154,13 @@ def bench_decode(model, prompts, mask_id, eos, n_new, dev, B):
     """ar, adaptive, lossless and HF generate on the same prompts, blocks of B tokens. The modes take turns on
     each prompt, so that a change in the machine's load (a shared CPU) weighs on every mode alike."""
     from sample import generate
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     modes = ("ar", "adaptive", "lossless", "hf_generate")
     results = {m: {"tokens": 0, "forwards": 0, "seconds": 0.0, "outputs": []} for m in modes}
     generate(model, prompts[0], "lossless", B, mask_id, 8, eos)  # warm-up
     for p in prompts:
         for mode in modes:
             row = results[mode]
-            sync()
+            synchronize(dev)
             t = time.perf_counter()
             if mode == "hf_generate":
                 out = model.generate(torch.tensor([p], device=dev), do_sample=False, max_new_tokens=n_new,
@@ -165,7 +169,7 @@ def bench_decode(model, prompts, mask_id, eos, n_new, dev, B):
                 stats = {"tokens": len(new), "forwards": len(new)}
             else:
                 new, stats = generate(model, p, mode, B, mask_id, n_new, eos, threshold)
-            sync()
+            synchronize(dev)
             row["seconds"] += time.perf_counter() - t
             row["tokens"] += stats["tokens"]
             row["forwards"] += stats["forwards"]
@@ -283,8 +287,12 @@ def decode_inputs(name, cfg, n_prompt, p_dec):
         raise UserError(f"{path} has no mask token (config.mask_token_id): not trained by train.py")
     tok = load_tokenizer(path)
     prompts = [datamod.render_prompt(tok, m)[1] for m, _, _ in datamod.load_samples(data)[:decode_samples or 50]]
-    return (lambda dev: AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(dev).eval()), \
-        prompts, {datamod.end_of_turn_id(tok)}, config.mask_token_id, getattr(config, "next_block_size", block_size), \
+
+    def load(dev):  # fp32 whatever dtype the checkpoint was exported in, as sample.py: lossless == ar exactly
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+        return model.to(dev).eval()
+
+    return load, prompts, datamod.stop_ids(tok), config.mask_token_id, getattr(config, "next_block_size", block_size), \
         path
 
 

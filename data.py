@@ -125,6 +125,12 @@ def end_of_turn_id(tokenizer, prompt_format=None):
     return tokenizer.eos_token_id
 
 
+def stop_ids(tokenizer, prompt_format=None):
+    """The tokens that end a generated answer: the end-of-turn token, and EOS when the tokenizer has one."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return {end_of_turn_id(tokenizer, prompt_format)} | eos
+
+
 def strip_prompt_overlap(prompt_text, target, added_tokens):
     """Remove from the target the longest start that the rendered prompt already ends with, if that start
     begins with an added/special token (the `<think>\\n` a template appends). Plain-text overlaps stay."""

@@ -10,8 +10,8 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
   export_hf          a Hugging Face folder (save_pretrained + tokenizer) gathered from every rank
   checkpoints        the complete checkpoints of a run, and the Hugging Face folder a path points to
 """
-import os
 import copy
+import os
 import re
 
 import torch

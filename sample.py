@@ -259,8 +259,7 @@ def main():
     else:
         rows = datamod.load_samples(data, prompt_key, response_key)
         samples = [(messages, target) for messages, target, _ in rows[:num_samples or None]]
-    end_id = datamod.end_of_turn_id(tokenizer, prompt_format)
-    eos = {end_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    end_id, eos = datamod.end_of_turn_id(tokenizer, prompt_format), datamod.stop_ids(tokenizer, prompt_format)
     use_color = sys.stdout.isatty() if color is None else bool(color)
     print(f"checkpoint {path} | block_size {block_size} | mask token {mask_id} | {len(samples)} samples | "
           f"device {dev}")

@@ -362,7 +362,10 @@ bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.i
 
 def log_line(line):
     """A console line on rank 0, printed above the progress bar when there is one."""
-    bar.write(line) if not bar.disable else print0(line)
+    if bar.disable:
+        print0(line)
+    else:
+        bar.write(line)
 
 
 metrics = {}

@@ -99,3 +99,19 @@ def test_a_crashing_flex_run_fails_the_check_and_the_others_still_compare(monkey
     assert split["dense_bf16_loss_rel_diff"] > 0
     assert split["flex_bf16_loss_rel_diff"] == pytest.approx(split["dense_bf16_loss_rel_diff"])
     assert report["failures"] == ["flex vs dense split", "flex vs dense interleaved"]
+
+
+def test_a_checkpoint_decodes_in_fp32_at_its_block_size_with_its_stop_tokens(tmp_path, monkeypatch):
+    """A bf16 export (config.json says bfloat16) is still decoded in fp32, where lossless == ar exactly."""
+    import bench
+    from data import stop_ids, write_demo_data
+    from model import export_hf, load_model
+    model, tok, mask_id = load_model("demo", demo_overrides=dict(hidden_size=32, num_layers=1, num_heads=2))
+    model.config.next_block_size = 3
+    export_hf(model, tok, str(tmp_path / "hf"), master=True, dtype=torch.bfloat16)
+    files = write_demo_data(str(tmp_path / "data"), n_train=4, n_test=4)
+    monkeypatch.setattr(bench, "ckpt", str(tmp_path / "hf"))
+    monkeypatch.setattr(bench, "data", files["test"])
+    load, prompts, eos, mid, B, source = bench.decode_inputs("tiny", bench.PRESETS["tiny"][0], 16, 2)
+    assert load(torch.device("cpu")).dtype == torch.float32
+    assert (len(prompts), eos, mid, B, source) == (4, stop_ids(tok), mask_id, 3, str(tmp_path / "hf"))

@@ -6,7 +6,8 @@ import torch
 from conftest import shared_tokenizer, write_parquet
 from configurator import UserError
 from data import (Batches, block_metrics, build_example, collate, drop_too_long, encode, encode_samples,
-                  end_of_turn_id, eval_batches, load_samples, summarize_metrics, truncate, write_demo_data)
+                  end_of_turn_id, eval_batches, load_samples, stop_ids, summarize_metrics, truncate,
+                  write_demo_data)
 from model import demo_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -126,6 +127,12 @@ def test_prompt_format_without_chat_template():
         encode(tok, USER, "4")
     p, r = encode(tok, USER, "4", prompt_format="Q: {prompt}\nA: ")
     assert _decode(tok, p) == "Q: What is 2+2?\nA: " and r[-1] == tok.eos_token_id
+
+
+def test_stop_ids_are_the_end_of_turn_and_eos():
+    tok = demo_tokenizer()
+    assert stop_ids(tok) == {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id}
+    assert stop_ids(tok, prompt_format="Q: {prompt}\nA: ") == {tok.eos_token_id}  # no template turn to close
 
 
 def test_qwen25_chatml_real_tokenizer():
