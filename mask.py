@@ -1,18 +1,24 @@
 """
-mask.py: who may attend to whom in a next-block row, rendered two ways from one mask_mod.
+mask.py: who may attend to whom in a next-block row, rendered two ways from one mask_mod
+(docs/design.md, "The attention rule").
 
-The rule (DESIGN.md section 2), for query q and key k of one row:
+The rule, for query q and key k of one row:
   - tokens of different documents never see each other;
-  - every token sees the clean tokens of its document whose position is below its limit: a clean token's limit
-    is its own position + 1 (plain causal attention), a mask's limit is the start of its block (so a mask sees
-    the prompt and all earlier blocks, never the block it drafts);
+  - every token sees the clean tokens of its document whose position is below its limit: a clean
+    token's limit is its own position + 1 (plain causal attention), a mask's limit is the start of
+    its block (so a mask sees the prompt and all earlier blocks, never the block it drafts);
   - a mask also sees the masks of its own group (same limit) up to its own position;
-  - clean tokens never attend to mask tokens, so the clean stream computes exactly what a causal LM computes;
+  - clean tokens never attend to mask tokens, so the clean stream computes exactly what a causal LM
+    computes;
   - every token sees itself (padding sees only itself, so no softmax row is empty).
 
-dense_mask renders it as a bool tensor [batch, 1, Q, L] (True = may attend) for SDPA on CPU and for decoding
-steps; block_mask renders it as a FlexAttention BlockMask for training on CUDA. Both evaluate the same mask_mod.
+dense_mask renders it as a bool tensor [batch, 1, Q, L] (True = may attend) for SDPA on CPU and for
+decoding steps; block_mask renders it as a FlexAttention BlockMask for training on CUDA. Both
+evaluate the same mask_mod.
+
+    python mask.py          # draws the rule for one small sample, in both layouts
 """
+
 import torch
 
 try:
@@ -21,44 +27,109 @@ except ImportError:  # torch without FlexAttention: dense masks still work
     create_block_mask = None
 
 
-def make_mask_mod(doc_ids, position_ids, limit, is_mask, q_offset=0):
-    """mask_mod(b, h, q, k) -> may query q attend to key k. The metadata tensors are [batch, L] over all keys;
-    queries are the last L - q_offset of them (decoding steps query only the new tokens)."""
+def make_mask_mod(doc_ids, position_ids, limit, is_mask, queries=None):
+    """mask_mod(b, h, q, k) -> may query q attend to key k. The metadata tensors are [batch, L] over
+    the keys.
+
+    queries=None: query q is key q (training: a row attends to itself). In a decoding step the
+    queries are the new tokens: queries = (doc, pos, limit, is_mask, slot), each [batch, Q], slot
+    being the key index where each query's own key sits (each row of a batch writes its new tokens
+    at its own offset in the KV cache).
+    """
+    if queries is None:
+        queries = (doc_ids, position_ids, limit, is_mask, None)
+    q_doc, q_pos, q_limit, q_mask, q_slot = queries
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q = q_idx + q_offset
-        same_doc = doc_ids[b, q] == doc_ids[b, kv_idx]
-        sees_clean = ~is_mask[b, kv_idx] & (position_ids[b, kv_idx] < limit[b, q])
-        same_group = (is_mask[b, q] & is_mask[b, kv_idx] & (limit[b, kv_idx] == limit[b, q])
-                      & (position_ids[b, kv_idx] <= position_ids[b, q]))
-        return (same_doc & (sees_clean | same_group)) | (q == kv_idx)
+        same_doc = q_doc[b, q_idx] == doc_ids[b, kv_idx]
+        sees_clean = ~is_mask[b, kv_idx] & (position_ids[b, kv_idx] < q_limit[b, q_idx])
+        same_group = (
+            q_mask[b, q_idx]
+            & is_mask[b, kv_idx]
+            & (limit[b, kv_idx] == q_limit[b, q_idx])
+            & (position_ids[b, kv_idx] <= q_pos[b, q_idx])
+        )
+        itself = (q_idx if q_slot is None else q_slot[b, q_idx]) == kv_idx
+        return (same_doc & (sees_clean | same_group)) | itself
 
     return mask_mod
 
 
 def _mod(batch, num_queries=None):
-    L = batch["doc_ids"].shape[1]
-    q_offset = 0 if num_queries is None else L - num_queries
-    return make_mask_mod(batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"], q_offset)
+    """The batch's mask_mod; with num_queries, the queries are the last num_queries keys."""
+    d, p, lim, m = batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"]
+    if num_queries is None:
+        return make_mask_mod(d, p, lim, m)
+    L = d.shape[1]
+    slot = torch.arange(L - num_queries, L, device=d.device).expand(d.shape[0], -1)
+    tail = slice(L - num_queries, L)
+    return make_mask_mod(d, p, lim, m, (d[:, tail], p[:, tail], lim[:, tail], m[:, tail], slot))
 
 
-def dense_mask(batch, num_queries=None):
-    """Bool [batch, 1, Q, L], True where the query may attend. Q = L, or the last num_queries tokens."""
+def dense_mask(batch, num_queries=None, queries=None):
+    """Bool [batch, 1, Q, L], True where the query may attend. Q = L, the last num_queries tokens,
+    or the decoding step's queries (see make_mask_mod)."""
     b, L = batch["doc_ids"].shape
-    Q = L if num_queries is None else num_queries
     device = batch["doc_ids"].device
+    if queries is not None:
+        mod, Q = (
+            make_mask_mod(
+                batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"], queries
+            ),
+            queries[0].shape[1],
+        )
+    else:
+        mod, Q = _mod(batch, num_queries), L if num_queries is None else num_queries
     idx_b = torch.arange(b, device=device)[:, None, None, None]
     idx_q = torch.arange(Q, device=device)[None, None, :, None]
     idx_k = torch.arange(L, device=device)[None, None, None, :]
-    return _mod(batch, num_queries)(idx_b, None, idx_q, idx_k)
+    return mod(idx_b, None, idx_q, idx_k)
 
 
 def block_mask(batch, num_queries=None):
-    """The same rule as a FlexAttention BlockMask (one per batch; heads share it), on the batch's device."""
+    """The same rule as a FlexAttention BlockMask (one per batch; heads share it), on the batch's
+    device."""
     if create_block_mask is None:
         raise RuntimeError("this torch has no FlexAttention; use attention='sdpa'")
     b, L = batch["doc_ids"].shape
     Q = L if num_queries is None else num_queries
     device = batch["doc_ids"].device
-    return create_block_mask(_mod(batch, num_queries), B=b, H=None, Q_LEN=Q, KV_LEN=L, device=device,
-                             _compile=device.type == "cuda")
+    return create_block_mask(
+        _mod(batch, num_queries), B=b, H=None, Q_LEN=Q, KV_LEN=L, device=device,
+        _compile=device.type == "cuda"
+    )
+
+
+def draw(batch, names, row=0):
+    """The dense mask of one row as text: a line per query, '#' where it may attend, '.' where
+    not."""
+    allowed = dense_mask(batch)[row, 0]
+    width = max(len(n) for n in names) + 1
+    lines = [" " * width + "".join(n.rjust(width) for n in names)]
+    for q, name in enumerate(names):
+        lines.append(
+            name.rjust(width)
+            + "".join(("#" if a else ".").rjust(width) for a in allowed[q].tolist())
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from data import build_example, collate
+    P, n, B = 3, 6, 3
+    print(
+        f"One sample: prompt p0..p{P - 1}, response r0..r{n - 1}, block_size {B}, block offset 0: "
+        "blocks r0-r2 and r3-r5.\nMask mK stands at the position of r(K-1) and predicts rK, seeing "
+        "the clean tokens before its block\nand the masks of its block before it. "
+        "Row = query, column = key, # = may attend.\n"
+    )
+    for layout in ("split", "interleaved"):
+        ex = build_example(list(range(P + n)), [(P, P + n)], B, -1, layout)
+        batch = collate([ex], len(ex["input_ids"]))
+        pos, masked = batch["position_ids"][0].tolist(), batch["is_mask"][0].tolist()
+        names = [
+            f"m{p - P + 1}" if m else (f"p{p}" if p < P else f"r{p - P}")
+            for p, m in zip(pos, masked)
+        ]
+        print(f"layout {layout!r}:")
+        print(draw(batch, names), end="\n\n")

@@ -1,62 +1,74 @@
 """
 model.py: the model side of next-block training, for any Hugging Face causal LM.
 
-  load_model         an HF folder (init_from=PATH) or the tiny demo model (init_from="demo") + its tokenizer,
-                     with the mask token added and the attention backend chosen
-  add_mask_token     a dedicated <|mask|> token: spare embedding rows reused, never shrunk, mean-initialised
-  attention_mask     a batch's rule (mask.py) as the backend wants it: BlockMask (flex) or dense bool (sdpa)
-  forward_losses     per-token cross-entropy and argmax at supervised positions, logits computed in chunks
-  parallelize        DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied embeddings)
-  export_hf          a Hugging Face folder (save_pretrained + tokenizer) gathered from every rank
-  checkpoints        the complete checkpoints of a run, and the Hugging Face folder a path points to
+  training_tokenizer  the tokenizer of an HF folder (init_from=PATH) or the demo's, with the mask
+                      token added
+  load_model          the model of that folder (or the tiny demo model), the mask token's embedding
+                      row ready, the attention backend chosen
+  add_mask_token      a dedicated <|mask|> token; init_mask_row: spare rows reused, never shrunk,
+                      mean-initialised
+  attention_mask      a batch's rule (mask.py) as the backend wants it: BlockMask (flex) or dense
+                      bool (sdpa)
+  forward_losses      per-token cross-entropy and argmax at supervised positions, logits in chunks
+  parallelize         DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied
+                      embeddings)
+  peak_flops          what MFU is measured against
+(The checkpoint format, HF export included, is checkpoint.py's.)
 """
-import copy
+
+import inspect
 import os
-import re
 
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+from transformers.utils import logging as hf_logging
 
-from configurator import UserError
+from configurator import UserError, one_of
 from mask import block_mask, dense_mask
 
 MASK_TOKEN = "<|mask|>"
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model"}
-try:  # loading and saving tiny models should not draw progress bars
-    from transformers.utils import logging as _hf_logging
-    _hf_logging.disable_progress_bar()
-except ImportError:
-    pass
+TOKENIZER_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model"
+}
+hf_logging.disable_progress_bar()  # loading and saving tiny models should not draw progress bars
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # the demo model and tokenizer (built from code: no download)
 
-DEMO_SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
-DEMO_CHAT_TEMPLATE = (  # Phi-3 style turns; the generation prompt opens a <think> block, as R1 distills do
+DEMO_SPECIAL = [
+    "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"
+]
+# Phi-3 style turns; the generation prompt opens a <think> block, as the R1 distills' does
+DEMO_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}")
+    "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}"
+)
 
 
 def demo_tokenizer():
-    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus special
-    tokens for the chat turns and the think block. Its generation prompt ends with `<think>\\n`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus
+    special tokens for the chat turns and the think block. Its generation prompt ends with
+    `<think>\\n`."""
     chars = ["<|unk|>", "\n"] + [chr(c) for c in range(32, 127)]
     backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|unk|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", additional_special_tokens=DEMO_SPECIAL[1:],
-                                   chat_template=DEMO_CHAT_TEMPLATE, model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<|unk|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", additional_special_tokens=DEMO_SPECIAL[1:],
+        chat_template=DEMO_CHAT_TEMPLATE, model_max_length=1 << 30
+    )
 
 
 def demo_config(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4, **overrides):
     """A tiny Qwen3 (RMSNorm, RoPE, GQA, tied embeddings): the same code paths as the real ones."""
-    from transformers import Qwen3Config
     kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
@@ -65,81 +77,101 @@ def demo_config(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4, **ov
     return Qwen3Config(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # loading
 
 def attention_backend(attention, device):
-    """'flex_attention' (BlockMask) on CUDA, 'sdpa' (dense bool mask) elsewhere; attention='flex'|'sdpa' forces."""
-    if attention not in ("auto", "flex", "sdpa"):
-        raise UserError(f"attention must be 'auto', 'flex' or 'sdpa', got {attention!r}")
+    """'flex_attention' (BlockMask) on CUDA, 'sdpa' (dense bool mask) elsewhere;
+    attention='flex'|'sdpa' forces."""
+    one_of("attention", attention, ("auto", "flex", "sdpa"))
     if attention == "auto":
         attention = "flex" if torch.device(device).type == "cuda" else "sdpa"
     return "flex_attention" if attention == "flex" else "sdpa"
 
 
-def add_mask_token(model, tokenizer):
-    """Add the dedicated mask token (never EOS) and return its id; stored as model.config.mask_token_id.
-
-    Reuses a spare embedding row when the matrix is larger than the tokenizer (Qwen pads its vocab), grows the
-    matrix otherwise, never shrinks it. A new token's input (and untied output) row starts at the mean of the
-    rows before it, the same on every rank. A token already present (a checkpoint of ours) keeps its row."""
+def add_mask_token(tokenizer):
+    """(mask token id, added?): the dedicated mask token (never EOS), added to the tokenizer unless
+    it has it already (a checkpoint of ours)."""
     if MASK_TOKEN in tokenizer.get_vocab():
-        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    else:
-        from tokenizers import AddedToken
-        tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
-        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-        rows = model.get_input_embeddings().weight.shape[0]
-        if mask_id >= rows:
-            model.resize_token_embeddings(mask_id + 1, pad_to_multiple_of=64, mean_resizing=False)
-        with torch.no_grad():
-            embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
-            for weight in embeddings:
-                weight[mask_id] = weight[:mask_id].float().mean(0).to(weight.dtype)
-    model.config.mask_token_id = mask_id
-    return mask_id
+        return tokenizer.convert_tokens_to_ids(MASK_TOKEN), False
+    tokenizer.add_tokens(
+        [AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True
+    )
+    return tokenizer.convert_tokens_to_ids(MASK_TOKEN), True
+
+
+def init_mask_row(model, mask_id):
+    """Give a new mask token its embedding row: a spare row when the matrix is larger than the
+    tokenizer (Qwen pads its vocab), else the matrix grows; it never shrinks. The input (and untied
+    output) row starts at the mean of the rows before it, the same on every rank."""
+    if mask_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(mask_id + 1, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        for weight in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            weight[mask_id] = weight[:mask_id].float().mean(0).to(weight.dtype)
 
 
 def load_tokenizer(path):
     """The tokenizer saved in a model folder, or one clear error."""
-    from transformers import AutoTokenizer
-    # transformers quietly builds an empty tokenizer for a folder without one: look for its files first
+    # transformers quietly builds an empty tokenizer for a folder without one: look for its files
+    # first
     if not TOKENIZER_FILES & set(os.listdir(path)):
-        raise UserError(f"{path}: no tokenizer in the model folder (none of {', '.join(sorted(TOKENIZER_FILES))})"
-                        ": save the tokenizer beside the model")
+        raise UserError(
+            f"{path}: no tokenizer in the model folder (none of "
+            f"{', '.join(sorted(TOKENIZER_FILES))})"
+            ": save the tokenizer beside the model"
+        )
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def load_model(init_from, device="cpu", attention="auto", demo_overrides=None):
-    """(model in fp32 on device, tokenizer, mask_token_id). init_from: a local HF folder, or 'demo'."""
-    from transformers import AutoModelForCausalLM
-    backend = attention_backend(attention, device)
+def training_tokenizer(init_from):
+    """(tokenizer, mask token id, mask token new?) of a local HF folder or 'demo', the mask token
+    added."""
     if init_from == "demo":
         tokenizer = demo_tokenizer()
-        model = AutoModelForCausalLM.from_config(demo_config(**(demo_overrides or {})),
-                                                 attn_implementation=backend, dtype=torch.float32)
     else:
         if not os.path.isdir(init_from):
-            raise UserError(f"init_from={init_from!r} is not a folder (a local Hugging Face model, or 'demo'; "
-                            "nothing is downloaded)")
+            raise UserError(
+                f"init_from={init_from!r} is not a folder (a local Hugging Face model, or 'demo'; "
+                "nothing is downloaded)"
+            )
         if not os.path.exists(os.path.join(init_from, "config.json")):
             raise UserError(f"{init_from}: no config.json, not a Hugging Face model folder")
         tokenizer = load_tokenizer(init_from)
-        model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=backend, dtype=torch.float32)
-    mask_id = add_mask_token(model, tokenizer)
-    return model.to(device), tokenizer, mask_id
+    return (tokenizer, *add_mask_token(tokenizer))
+
+
+def load_model(init_from, mask_id, new_mask, device="cpu", attention="auto", demo_overrides=None):
+    """The model in fp32 on device (init_from: a local HF folder, or 'demo'), its mask token's row
+    ready."""
+    backend = attention_backend(attention, device)
+    if init_from == "demo":
+        model = AutoModelForCausalLM.from_config(demo_config(**(demo_overrides or {})),
+                                                 attn_implementation=backend, dtype=torch.float32)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=backend,
+                                                         dtype=torch.float32)
+        except (OSError, ValueError) as e:  # e.g. a folder with config.json but no weights
+            raise UserError(
+                f"{init_from}: cannot load the model ({str(e).strip().splitlines()[0]})"
+            ) from None
+    if new_mask:
+        init_mask_row(model, mask_id)
+    model.config.mask_token_id = mask_id
+    return model.to(device)
 
 
 def cache_kwarg(model):
-    """The forward argument that takes the KV cache: 'cache' in transformers >= 5.24, 'past_key_values' before."""
-    import inspect
+    """The forward argument that takes the KV cache: 'cache' in transformers >= 5.24,
+    'past_key_values' before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # forward and loss
 
 def attention_mask(batch, model):
@@ -154,11 +186,14 @@ def _ce_chunk(hidden, weight, labels):
 
 
 def forward_losses(model, batch, chunk_tokens=None):
-    """Run the model on a collated batch; return (per-token loss, argmax, is_mask) at the supervised positions.
+    """Run the model on a collated batch; return (per-token loss, argmax, is_mask) at the supervised
+    positions.
 
-    The [tokens, vocab] logits never exist at once: the lm_head input is captured by a hook (lm_head itself
-    sees zero tokens), then logits and loss are computed chunk by chunk, each chunk's logits recomputed in
-    backward. Memory stays one chunk of logits whatever the vocabulary (about 2^27 logits by default)."""
+    The [tokens, vocab] logits never exist at once: the lm_head input is captured by a hook (lm_head
+    itself sees zero tokens), then logits and loss are computed chunk by chunk, each chunk's logits
+    recomputed in backward. Memory stays one chunk of logits whatever the vocabulary (about 2^27
+    logits on a GPU, 2^24 on CPU).
+    """
     lm_head = unwrap(model).get_output_embeddings()
     captured = {}
 
@@ -167,6 +202,7 @@ def forward_losses(model, batch, chunk_tokens=None):
         return (args[0][..., :0, :],)
 
     handle = lm_head.register_forward_pre_hook(take_hidden)
+    set_gate(model, batch["is_mask"])  # gated adapters, if any, act on the mask positions only
     try:
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
               attention_mask=attention_mask(batch, model), use_cache=False)
@@ -175,7 +211,7 @@ def forward_losses(model, batch, chunk_tokens=None):
     supervised = batch["labels"] != -100
     hidden, labels = captured["hidden"][supervised], batch["labels"][supervised]
     weight = lm_head.weight
-    chunk = chunk_tokens or max(256, 2 ** 27 // weight.shape[0])
+    chunk = chunk_tokens or max(256, (2**27 if weight.is_cuda else 2**24) // weight.shape[0])
     losses, preds = [], []
     for i in range(0, len(labels), chunk):
         args = (hidden[i:i + chunk], weight, labels[i:i + chunk])
@@ -184,12 +220,23 @@ def forward_losses(model, batch, chunk_tokens=None):
         losses.append(loss)
         preds.append(pred)
     empty = hidden.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(losses) if losses else empty + hidden.sum() * 0,  # keeps the graph when nothing is supervised
-            torch.cat(preds) if preds else labels, batch["is_mask"][supervised])
+    return (
+        torch.cat(losses) if losses else empty + hidden.sum() * 0,  # keeps the graph if empty
+        torch.cat(preds) if preds else labels,
+        batch["is_mask"][supervised],
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # distributed
+
+def set_gate(model, is_mask):
+    """Turn a model's gated adapters (lora.py) on at the mask positions of its next forward; a no-op
+    for a model without them."""
+    gate = getattr(unwrap(model), "next_block_gate", None)
+    if gate is not None:
+        gate.mask = is_mask
+
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
@@ -201,21 +248,22 @@ def decoder_layers(model):
 
 
 def parallelize(model, parallel, device, param_dtype, world_size):
-    """DDP, or FSDP2 (each decoder layer, then the root: the tied embedding and lm_head stay together in the
-    root group; params in param_dtype, gradients reduced in fp32). One process: the model as it is."""
+    """DDP, or FSDP2 (each decoder layer, then the root: the tied embedding and lm_head stay
+    together in the root group; params in param_dtype, gradients reduced in fp32). One process: the
+    model as it is.
+    """
     if world_size == 1:
         return model
+    one_of("parallel", parallel, ("ddp", "fsdp"))
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
-    raise UserError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def set_grad_sync(model, enabled):
@@ -226,51 +274,17 @@ def set_grad_sync(model, enabled):
         model.require_backward_grad_sync = enabled
 
 
-def export_hf(model, tokenizer, path, master, dtype=None):
-    """Write a Hugging Face folder (weights gathered from every rank; all ranks must call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        unwrap(model).save_pretrained(path, state_dict=state)
-        if dtype is not None:  # save_pretrained wrote the fp32 master's dtype: say what the weights are in
-            config = copy.deepcopy(unwrap(model).config)
-            config.dtype = dtype
-            config.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-
-
-def checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first, as (step, path). A folder counts once its
-    checkpoint.json exists: train.py writes global_step_N.tmp and renames it only when it is complete."""
-    found = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        m = re.match(r"^global_step_(\d+)$", name)
-        if m and os.path.exists(os.path.join(out_dir, name, "checkpoint.json")):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
-    return sorted(found)
-
-
-def find_hf_folder(path):
-    """The Hugging Face folder that path means: itself, its huggingface/ subfolder, or that of the newest
-    complete checkpoint when path is a run's out_dir."""
-    complete = checkpoints(path)
-    if complete:
-        path = complete[-1][1]
-    for folder in (path, os.path.join(path, "huggingface")):
-        if os.path.exists(os.path.join(folder, "config.json")):
-            return folder
-    if not os.path.isdir(path):
-        raise UserError(f"checkpoint {path!r} not found (run train.py first, or pass --ckpt=PATH)")
-    raise UserError(f"{path!r} holds no checkpoint: not a Hugging Face model folder (no config.json there or in "
-                    "huggingface/), nor a run's out_dir with a complete global_step_N")
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # throughput accounting
 
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
 
 
 def peak_flops(device):
@@ -282,9 +296,12 @@ def peak_flops(device):
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 x non-embedding params + attention (causal, 6 x layers x width x seq)."""
+    """Training FLOPs per token: 6 x non-embedding params + attention (causal, 6 x layers x width x
+    seq)."""
     cfg = unwrap(model).config
     params = sum(p.numel() for p in unwrap(model).parameters())
     params -= unwrap(model).get_input_embeddings().weight.numel() * (not cfg.tie_word_embeddings)
-    width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    width = cfg.num_attention_heads * getattr(
+        cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads
+    )
     return 6 * params + 6 * cfg.num_hidden_layers * width * seq_len

@@ -1,215 +1,284 @@
 """
 Next-block SFT of a Hugging Face causal LM: one flat loop, config as module globals (nanoGPT style).
 
-  python train.py                                            # the CPU demo: synthetic data, tiny model, ~2 min
+  python train.py                                 # the CPU demo: synthetic data, tiny model, ~2 min
   python train.py config/finetune_1gpu.py --init_from=/models/Qwen3-0.6B
   torchrun --standalone --nproc_per_node=4 train.py config/seed_recipe.py
   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
-      --master_port=29500 train.py config/seed_recipe.py      # out_dir on a file system all nodes share
+      --master_port=29500 train.py config/seed_recipe.py  # out_dir on a file system all nodes share
 
 Re-running the same command resumes from the newest complete checkpoint in out_dir (resume='auto').
+SIGTERM or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C twice: abort).
 """
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
-import warnings
+import uuid
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------------------------
-# config: the defaults are the CPU demo; the seed's name for each key in [brackets]
+import chat
+import checkpoint
+import data
+import lora
+from common import (all_sum, all_true, barrier, compute_cleanup, compute_init, dist_info, print0,
+                    resolve_dtype)
+from configurator import UserError, at_least, between, configure, one_of
+from model import (attention_backend, decoder_layers, flops_per_token, forward_losses, load_model,
+                   parallelize, peak_flops, set_grad_sync, training_tokenizer)
+
+# -------------------------------------------------------------------------------------------------
+# config: the defaults are the CPU demo; the seed's name for a key in [brackets]
 # I/O
-out_dir = "out/demo"                      # checkpoints and metrics.jsonl [trainer.default_local_dir]
-init_from = "demo"                        # a local Hugging Face model folder, or "demo" [model.partial_pretrain]
-resume = "auto"                           # 'auto': go on from the newest complete checkpoint; 'disable' [trainer.resume_mode]
-save_every = 0                            # steps between checkpoints; 0: at the end only [trainer.save_checkpoint_steps]
-keep_last = 3                             # checkpoints kept in out_dir, newest first [trainer.max_ckpt_to_keep]
-log_every = 10                            # steps between console lines / metrics.jsonl rows [trainer.logger: console]
-eval_every = 0                            # steps between validations on val_files; 0: only at the end
-wandb_log = False                         # log to Weights & Biases (falls back to offline mode) [trainer.logger: wandb]
-wandb_project = "next-block"              # wandb project [trainer.project_name]
-wandb_run_name = ""                       # wandb run name; '' = the name of out_dir [trainer.experiment_name]
+out_dir = "out/demo"             # checkpoints, metrics.jsonl [trainer.default_local_dir]
+init_from = "demo"               # a local Hugging Face model folder, or "demo" [partial_pretrain]
+resume = "auto"                  # 'auto': the newest complete checkpoint; 'disable': start over,
+#                                  moving the old run to out_dir/previous_runs/ [resume_mode]
+save_every = 0                   # steps between checkpoints; 0: at the end [save_checkpoint_steps]
+keep_last = 3                    # checkpoints kept, newest first; 0: all [max_ckpt_to_keep]
+log_every = 10                   # steps between console lines and metrics.jsonl rows
+eval_every = 0                   # steps between validations on val_files; 0: at the end only
+log_samples = False              # append each step's sample ids to out_dir/samples.jsonl (audits)
+wandb_log = False                # log to Weights & Biases (offline without a network or key)
+wandb_project = "next-block"     # wandb project [trainer.project_name]
+wandb_run_name = ""              # wandb run name; '' = the name of out_dir [experiment_name]
 # data
-train_files = "data/demo/train.parquet"   # parquet path, glob or list [data.train_files]
-val_files = "data/demo/test.parquet"      # parquet for validation; None: no validation [data.val_files]
-prompt_key = "prompt"                     # prompt column [data.prompt_key]
-response_key = "target"                   # response column [data.response_key]
-prompt_format = None                      # e.g. 'Question: {prompt}\nAnswer: ' for tokenizers without a chat template
-demo_data = True                          # write the demo's data set when train/val_files are data/demo/ and missing
-max_length = 256                          # tokens per packed row, masks included [data.max_length]
-block_size = 4                            # tokens predicted per forward pass [data.block_size]
-layout = "split"                          # 'split' (faster) or 'interleaved' (the seed's): same math, DESIGN.md 2
-block_offset = "random"                   # 'random' (per sample and epoch) or a fixed int in [0, block_size-1]
-mask_loss_weight = 1.0                    # weight of the mask (offset >= 1) tokens in the loss
+train_files = "data/demo/train.parquet"  # parquet path, glob or list [data.train_files]
+val_files = "data/demo/test.parquet"     # parquet for validation; None: no validation
+prompt_key = "prompt"            # prompt column [data.prompt_key]
+response_key = "target"          # response column [data.response_key]
+messages_key = "messages"        # whole-conversation column (instead of prompt/target)
+tools_key = "tools"              # tool schemas column, handed to the chat template
+chat_template_kwargs = {}        # options for every chat template render: {"enable_thinking": True}
+prompt_format = None             # 'Question: {prompt}\nAnswer: ' for tokenizers without a template
+special_text = "keep"            # special-token text in messages: 'keep' as text, or 'drop' the row
+data_cache = "~/.cache/next-block"  # where tokenized data is kept (docs/design.md, The data path)
+data_workers = 0                 # processes that tokenize on the first start; 0: every core
+demo_data = True                 # write the demo's data set when its files are missing
+max_length = 256                 # tokens per packed row, masks included [data.max_length]
+block_size = 4                   # tokens predicted per forward pass [data.block_size]
+layout = "split"                 # 'split' (faster) or 'interleaved' (the seed's): the same math
+block_offset = "random"          # 'random' (per turn and epoch) or an int in [0, block_size-1]
+mask_loss_weight = 1.0           # weight of the mask tokens in the loss; 0: plain SFT
 # optimization
-batch_size = 16                           # samples per micro-batch per device [data.micro_batch_size_per_gpu]
-# micro-batches per optimizer step over all ranks (nanoGPT); the seed counted per GPU [optim.gradient_accumulation_steps]
-gradient_accumulation_steps = 1
-learning_rate = 6e-3                      # peak learning rate [optim.lr]
-min_lr = 6e-4                             # learning rate at the end of the cosine decay
-warmup_ratio = 0.05                       # fraction of the steps spent warming up linearly [optim.warmup_steps_ratio]
-weight_decay = 0.01                       # AdamW decay on 2-D weights (betas 0.9, 0.95) [their code: 0.01]
-grad_clip = 1.0                           # clip the global grad norm to this; 0: no clipping [optim.clip_grad]
-epochs = 4                                # passes over train_files [trainer.total_epochs]
-max_steps = 0                             # optimizer steps; 0: epochs x steps per epoch [trainer.total_training_steps]
-gradient_checkpointing = False            # recompute activations in backward [model.enable_gradient_checkpointing]
+batch_size = 16                  # samples per micro-batch per device [micro_batch_size_per_gpu]
+batch_tokens = 0                 # instead: tokens per micro-batch per device, masks included
+gradient_accumulation_steps = 1  # micro-batches per step over all ranks (nanoGPT's meaning; the
+#                                  seed counted per GPU) [optim.gradient_accumulation_steps]
+learning_rate = 6e-3             # peak learning rate [optim.lr]
+min_lr = 6e-4                    # learning rate at the end of the cosine decay
+warmup_ratio = 0.05              # fraction of the steps warming up linearly [warmup_steps_ratio]
+weight_decay = 0.01              # AdamW decay on 2-D weights (betas 0.9, 0.95)
+grad_clip = 1.0                  # clip the global grad norm to this; 0: no clipping [clip_grad]
+epochs = 4                       # passes over train_files [trainer.total_epochs]
+max_steps = 0                    # optimizer steps; 0: epochs x steps per epoch
+gradient_checkpointing = False   # recompute activations in backward [enable_gradient_checkpointing]
+finetune = "full"                # 'full': every weight; 'gated_lora': base frozen (lora.py)
+lora_rank = 16                   # gated_lora: rank of each adapter
+lora_alpha = 32.0                # gated_lora: the adapters' output is scaled by alpha / rank
+lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # adapted linears
 # model: the demo's tiny Qwen3 (init_from="demo" only)
-n_layer = 4                               # decoder layers
-n_embd = 128                              # hidden size
-n_head = 4                                # attention heads
+n_layer = 4                      # decoder layers
+n_embd = 128                     # hidden size
+n_head = 4                       # attention heads
 # system
-device = "auto"                           # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
-dtype = "auto"                            # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
-compile = False                           # torch.compile each decoder layer
-attention = "auto"                        # 'auto' (flex on CUDA, else sdpa), 'flex' (BlockMask), 'sdpa' (dense mask)
-parallel = "fsdp"                         # with several ranks: 'fsdp' (FSDP2) or 'ddp' [their trainer: FSDP]
-seed = 1337                               # model init (demo), data order, block offsets
-# ---------------------------------------------------------------------------------------------------------------
-from configurator import UserError, configure  # noqa: E402
-
+device = "auto"                  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
+dtype = "auto"                   # 'auto' (bfloat16 on CUDA, else float32), 'bfloat16', 'float32'
+compile = False                  # torch.compile each decoder layer
+attention = "auto"               # 'auto' (flex on CUDA, else sdpa), 'flex' (BlockMask), 'sdpa'
+parallel = "fsdp"                # with several ranks: 'fsdp' (FSDP2) or 'ddp'
+seed = 1337                      # model init (demo), data order, block offsets
+# -------------------------------------------------------------------------------------------------
 config = configure(globals())
-# ---------------------------------------------------------------------------------------------------------------
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
 
-import data  # noqa: E402
-from model import (attention_backend, checkpoints, decoder_layers, export_hf, flops_per_token,  # noqa: E402
-                   forward_losses, load_model, parallelize, peak_flops, set_grad_sync)
-
-
-def compute_init():
-    """Rank, world and device from torchrun's variables (a plain `python train.py` is rank 0 of 1)."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device='cuda' but no CUDA device is visible")
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if world > 1:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-
-def compute_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def print0(*args, **kwargs):
-    if rank == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_sum(t):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def barrier():
-    if world > 1:
-        dist.barrier()
-
-
-# settings checked before anything waits for the other ranks
-world = int(os.environ.get("WORLD_SIZE", 1))
-if gradient_accumulation_steps % world:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                    f"{world} ranks (it counts micro-batches over all ranks)")
-micro_steps = gradient_accumulation_steps // world
+# every setting is checked here, before anything slow happens
+_, _, world = dist_info()
+one_of("resume", resume, ("auto", "disable"))
+one_of("layout", layout, ("split", "interleaved"))
+one_of("dtype", dtype, ("auto", "float32", "bfloat16"))
+one_of("device", device.split(":")[0], ("auto", "cpu", "cuda"))
+one_of("parallel", parallel, ("fsdp", "ddp"))
+one_of("special_text", special_text, ("keep", "drop"))
+one_of("finetune", finetune, ("full", "gated_lora"))
+at_least("lora_rank", lora_rank, 1)
+between("lora_alpha", lora_alpha, 1e-6, 1e6)
+on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+attn_impl = attention_backend(attention, "cuda" if on_cuda else "cpu")
+if attn_impl == "flex_attention" and not on_cuda:
+    raise UserError("attention='flex' needs CUDA: FlexAttention has no backward on CPU "
+                    "(use attention='sdpa')")
+for key in ("save_every", "keep_last", "eval_every", "max_steps", "mask_loss_weight",
+            "weight_decay", "grad_clip", "min_lr", "seed", "batch_tokens", "data_workers"):
+    at_least(key, globals()[key], 0)
+for key in ("log_every", "batch_size", "gradient_accumulation_steps", "epochs", "n_layer", "n_embd",
+            "n_head"):
+    at_least(key, globals()[key], 1)
+at_least("max_length", max_length, 2)
+between("block_size", block_size, 1, max_length - 1)
+between("warmup_ratio", warmup_ratio, 0.0, 1.0)
+if not learning_rate > 0:
+    raise UserError(f"learning_rate={learning_rate!r}: must be > 0")
+between("min_lr", min_lr, 0.0, learning_rate)
 if block_offset != "random":
     try:
         block_offset = int(block_offset)
     except ValueError:
-        raise UserError(f"block_offset must be 'random' or an int, got {block_offset!r}") from None
-if resume not in ("auto", "disable"):
-    raise UserError(f"resume must be 'auto' or 'disable', got {resume!r}")
-if dtype not in ("auto", "float32", "bfloat16"):
-    raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+        raise UserError(f"block_offset={block_offset!r}: expected 'random' or an int") from None
+    between("block_offset", block_offset, 0, block_size - 1)
+if gradient_accumulation_steps % world:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
+                    f"by the {world} ranks (it counts micro-batches over all ranks)")
+if init_from == "demo" and (n_embd % n_head or (n_embd // n_head) % 2):
+    raise UserError(f"n_embd={n_embd} / n_head={n_head}: the head size must be an even whole "
+                    "number (RoPE)")
+if init_from != "demo" and not os.path.isdir(init_from):
+    raise UserError(f"init_from={init_from!r} is not a folder (a local Hugging Face model, or "
+                    "'demo'; nothing is downloaded)")
+if prompt_format is not None and "{prompt}" not in str(prompt_format):
+    raise UserError(f"prompt_format={prompt_format!r}: expected a str with a {{prompt}} field")
+if batch_tokens and batch_tokens < block_size + 1:
+    raise UserError(f"batch_tokens={batch_tokens}: a micro-batch must hold a prompt and a block")
+micro_steps = gradient_accumulation_steps // world
 
-rank, world, device = compute_init()
+# -------------------------------------------------------------------------------------------------
+# this process, and the out_dir it owns
+rank, local_rank, world, device = compute_init(device)
 master = rank == 0
+ptdtype = resolve_dtype(dtype, device)
 torch.manual_seed(seed)
-if dtype == "auto":
-    dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-ptdtype = getattr(torch, dtype)
-print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device {device} | "
-       f"dtype {dtype} | out_dir {out_dir}")
+print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device "
+       f"{device} | dtype {str(ptdtype)[6:]} | out_dir {out_dir}")
 
-# refuse early an out_dir that holds another run: resuming it would mix two trainings
-existing = checkpoints(out_dir)
-if existing and resume == "auto":
-    with open(os.path.join(existing[-1][1], "checkpoint.json")) as f:
-        theirs = json.load(f)["config"]
-    clash = [k for k in ("init_from", "block_size") if theirs.get(k) != config[k]]
+
+def own_out_dir():
+    """Rank 0 locks out_dir for this run and sweeps the debris of crashes; the others wait."""
+    error, held = None, None
+    if master:
+        try:
+            checkpoint.check_writable(out_dir)
+            held = checkpoint.lock(out_dir)
+            swept = checkpoint.sweep(out_dir)
+            if swept:
+                print0(f"swept the debris of an interrupted run: {', '.join(swept)}")
+        except UserError as e:
+            error = e
+    if not all_true(error is None, device):
+        raise error or UserError("rank 0 could not take out_dir (its message is above)")
+    return held
+
+
+out_dir_lock = own_out_dir()
+existing, theirs = checkpoint.checkpoints(out_dir), {}
+if existing and resume == "auto":  # refuse early what would mix two trainings
+    theirs = next((s for _, p in reversed(existing) if (s := checkpoint.read_sidecar(p))), {})
+    keys = ["init_from", "block_size", "seed", "finetune"]
+    keys += ["n_layer", "n_embd", "n_head"] if init_from == "demo" else []
+    keys += ["lora_rank", "lora_targets"] if finetune == "gated_lora" else []
+    clash = [k for k in keys if theirs.get("config", {}).get(k, config[k]) != config[k]]
     if clash:
-        theirs_text = ", ".join(f"{k}={theirs.get(k)!r}" for k in clash)
+        theirs_text = ", ".join(f"{k}={theirs['config'].get(k)!r}" for k in clash)
         ours_text = ", ".join(f"{k}={config[k]!r}" for k in clash)
-        raise UserError(f"out_dir {out_dir!r} holds another run ({theirs_text}, this one has {ours_text}): use "
-                        "another out_dir, or --resume=disable to start over there (its checkpoints get replaced)")
+        raise UserError(f"out_dir {out_dir!r} holds another run ({theirs_text}; this one has "
+                        f"{ours_text}): use another out_dir, or --resume=disable to start over "
+                        "there (the old run is moved aside)")
+run_id = uuid.uuid4().hex[:8]
+if existing and resume == "disable":
+    if master:
+        moved = checkpoint.move_aside(out_dir, run_id)
+        print0(f"resume='disable': the {len(existing)} checkpoints of the previous run are in "
+               f"{moved}")
+    existing = []
+    barrier()
 
-# ---------------------------------------------------------------------------------------------------------------
-# data and model
+# -------------------------------------------------------------------------------------------------
+# data: tokenized once into a store (local rank 0 of each node builds it, the others wait)
 if demo_data and master:
-    demo_files = [f for f in [train_files, val_files] if isinstance(f, str) and f.startswith("data/demo/")]
+    demo_files = [f for f in (train_files, val_files) if str(f).startswith("data/demo/")]
     if demo_files and not all(os.path.exists(f) for f in demo_files):
         print0("demo: writing the synthetic data set to data/demo/")
         data.write_demo_data("data/demo")
 barrier()
-train_rows = data.load_samples(train_files, prompt_key, response_key)
-val_rows = data.load_samples(val_files, prompt_key, response_key) if val_files else []
+tokenizer, mask_token_id, new_mask = training_tokenizer(init_from)
+conversation = chat.Chat(tokenizer, chat_template_kwargs, prompt_format, special_text)
+keys, cache = (prompt_key, response_key, messages_key, tools_key), os.path.expanduser(data_cache)
 
-torch.manual_seed(seed)
-demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
-model, tokenizer, mask_token_id = load_model(init_from, device, attention, demo_overrides)
-model.config.next_block_size = block_size  # exported with the model: sample.py decodes with it
-attn_impl = attention_backend(attention, device)
-if attn_impl == "flex_attention" and device.type != "cuda":
-    raise UserError("attention='flex' needs CUDA: FlexAttention has no backward on CPU (use attention='sdpa')")
-pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile; sdpa: little padding
 
-train_samples, dropped, truncated = data.drop_too_long(data.encode_samples(tokenizer, train_rows, prompt_format),
-                                                       max_length, block_size)
-val_samples = data.drop_too_long(data.encode_samples(tokenizer, val_rows, prompt_format), max_length,
-                                 block_size)[0]
-if not train_samples:
+def load_store(files):
+    return data.load_store(files, conversation, cache, keys, data_workers,
+                           builder=local_rank == 0, wait=barrier)
+
+
+train_store, data_key, built = load_store(train_files)
+val_store = load_store(val_files)[0] if val_files else data.Store.from_samples([])
+if existing and resume == "auto" and theirs.get("data_key") not in (None, data_key):
+    raise UserError(f"the training data changed since {existing[-1][1]} was saved (the files, the "
+                    "tokenizer, the chat template or its options): resume with the same data, or "
+                    "--resume=disable to start over")
+for note, (count, where) in train_store.info.get("notes", {}).items():
+    print0(f"note: {count} rows: {chat.NOTES[note]} (first: {where})")
+keep, dropped, truncated = data.too_long(train_store, max_length, block_size)
+train_samples = train_store.select(keep)
+val_samples = val_store.select(data.too_long(val_store, max_length, block_size)[0])
+if not len(train_samples):
     raise UserError(f"no training samples left: every prompt in {train_files!r} is longer than "
                     f"max_length={max_length}")
-print0(f"data: {len(train_samples)} train samples ({dropped} dropped: prompt >= max_length; up to {truncated} "
-       f"responses cut to fit max_length={max_length}), {len(val_samples)} val samples | block_size {block_size} "
-       f"| layout {layout}")
-batches = data.Batches(train_samples, batch_size, micro_steps, max_length, block_size, mask_token_id, layout,
-                       block_offset, seed, rank, world, pad_multiple=pad_multiple, pad_id=mask_token_id)
+pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile
+batches = data.Batches(train_samples, batch_size, micro_steps, max_length, block_size,
+                       mask_token_id, layout, block_offset, seed, rank, world,
+                       pad_multiple=pad_multiple, pad_id=mask_token_id, batch_tokens=batch_tokens)
 total_steps = max_steps or epochs * batches.steps_per_epoch
-print0(f"steps: {total_steps} of {batch_size * gradient_accumulation_steps} samples "
-       f"({batch_size} per micro-batch x {micro_steps} micro-steps x {world} ranks); "
-       f"{batches.steps_per_epoch} steps per epoch")
+found = f"built in {built:.1f} s" if built is not None else "found"
+print0(f"data: {len(train_samples)} train samples, {int(train_samples.clean_lengths().sum()):,} "
+       f"tokens ({found}: {cache}/{data_key}) | {dropped} dropped (prompt >= max_length), up to "
+       f"{truncated} cut to fit max_length={max_length} | {len(val_samples)} val samples | "
+       f"padding {100 * batches.padding():.1f}% | block_size {block_size} | layout {layout}")
+if batch_tokens:
+    print0(f"steps: {total_steps} of {gradient_accumulation_steps} micro-batches of "
+           f"{batch_tokens} tokens ({batches.rows} rows x {batches.row_length}; {micro_steps} "
+           f"micro-steps x {world} ranks); {batches.steps_per_epoch} steps per epoch")
+else:
+    print0(f"steps: {total_steps} of {batch_size * gradient_accumulation_steps} samples "
+           f"({batch_size} per micro-batch x {micro_steps} micro-steps x {world} ranks); "
+           f"{batches.steps_per_epoch} steps per epoch")
 
+# -------------------------------------------------------------------------------------------------
+# the model
+torch.manual_seed(seed)
+demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
+model = load_model(init_from, mask_token_id, new_mask, device, attention, demo_overrides)
+model.config.next_block_size = block_size  # exported with the model: sample.py decodes with these
+model.config.chat_template_kwargs = chat_template_kwargs
+if finetune == "gated_lora":
+    targets = tuple(t.strip() for t in lora_targets.split(","))
+    adapted = lora.add_adapters(model, lora_rank, lora_alpha, targets)
+    print0(f"gated_lora: {adapted} adapted linears (rank {lora_rank}, alpha {lora_alpha}), base "
+           "frozen: only mask positions learn; loss_ar stays the base model's")
 if gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if compile:
     for layer in decoder_layers(model):
         layer.compile()
-n_params = sum(p.numel() for p in model.parameters())
+n_params = sum(p.numel() for name, p in model.named_parameters() if not lora.is_adapter_key(name))
 flops_token = flops_per_token(model, max_length)
 model = parallelize(model, parallel, device, ptdtype, world)
 autocast = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95),
+groups = [{"params": decay, "weight_decay": weight_decay},
+          {"params": no_decay, "weight_decay": 0.0}]
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95),
                               fused=device.type == "cuda")
-print0(f"model: {init_from} | {n_params / 1e6:.2f}M params | attention {attn_impl} | mask token id {mask_token_id}")
+n_trainable = sum(p.numel() for p in decay + no_decay)
+print0(f"model: {init_from} | {n_params / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable "
+       f"({100 * n_trainable / n_params:.1f}%), AdamW state {8 * n_trainable / 2 ** 20:.1f} MiB | "
+       f"attention {attn_impl} | mask token id {mask_token_id}")
 
 
 def get_lr(step):
@@ -217,20 +286,22 @@ def get_lr(step):
     warmup = int(warmup_ratio * total_steps)
     if step < warmup:
         return learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 def to_device(batch):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if isinstance(v, torch.Tensor)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints: out_dir/global_step_N/{huggingface/, state/, checkpoint.json}, valid only once renamed from .tmp
+# -------------------------------------------------------------------------------------------------
+# checkpoints (the format: checkpoint.py)
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+            "python": random.getstate()}
 
 
 def set_rng_state(state):
@@ -242,63 +313,45 @@ def set_rng_state(state):
 
 
 def save_checkpoint(step, metrics):
-    import torch.distributed.checkpoint as dcp
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: expected
-    final = os.path.join(out_dir, f"global_step_{step}")
-    tmp = final + ".tmp"
+    sidecar = {"run_id": run_id, "world_size": world, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "data": batches.state_dict(), "data_key": data_key, "wandb_id": wandb_id,
+               "metrics": metrics, "config": config}
+    final = checkpoint.save(out_dir, step, model, optimizer, tokenizer, {"rng": rng_state()},
+                            sidecar, ptdtype, device)
     if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        checkpoint.prune(out_dir, keep_last)
     barrier()
-    export_hf(model, tokenizer, os.path.join(tmp, "huggingface"), master, dtype=ptdtype)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "state"))
-    # per-rank files: DCP would keep one copy of a non-tensor object saved under the same key by every rank
-    torch.save({"rng": rng_state(), "data": batches.state_dict()}, os.path.join(tmp, "state", f"rank{rank}.pt"))
-    barrier()
-    if master:
-        sidecar = {"step": step, "world_size": world, "metrics": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "config": config}
-        with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
-            json.dump(sidecar, f, indent=1, default=str)
-        shutil.rmtree(final, ignore_errors=True)  # the same step of a run that resume='disable' replaces
-        os.replace(tmp, final)
-        for _, old in checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-        print0(f"saved {final}")
-    barrier()
+    print0(f"saved {final}")
 
 
 def load_checkpoint(path):
-    import torch.distributed.checkpoint as dcp
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    mine = os.path.join(path, "state", f"rank{rank}.pt")
-    if os.path.exists(mine):
-        extra = torch.load(mine, weights_only=False)
-        set_rng_state(extra["rng"])
-    else:  # the checkpoint was written by fewer ranks: rank 0's data position holds for all
-        print0(f"note: {path} was written by fewer ranks; random state restarts on the new ranks")
-        extra = torch.load(os.path.join(path, "state", "rank0.pt"), weights_only=False)
-    batches.load_state_dict(extra["data"])
-    with open(os.path.join(path, "checkpoint.json")) as f:
-        return json.load(f)["step"]
+    sidecar, mine = checkpoint.load(path, model, optimizer)
+    if "data" not in sidecar:
+        raise ValueError("written by an older train.py (no data position)")
+    batches.load_state_dict(sidecar["data"])
+    if mine is not None:
+        set_rng_state(mine["rng"])
+    else:
+        print0(f"note: {path} was written by {sidecar['world_size']} ranks; random state "
+               "restarts on the others")
+    return sidecar
 
 
-step = 0
-if existing and resume == "auto":
-    step = load_checkpoint(existing[-1][1])
-    print0(f"resumed from {existing[-1][1]} (step {step}, epoch {batches.epoch})")
-elif existing:
-    print0(f"note: resume='disable': starting over; the {len(existing)} checkpoints in {out_dir} get replaced")
+step, wandb_id = 0, None
+if existing:
+    resumed_from, sidecar = checkpoint.resume(out_dir, load_checkpoint, device)
+    if resumed_from is None:
+        raise UserError(f"no checkpoint in {out_dir} can be loaded (see above): use another "
+                        "out_dir, or --resume=disable to start over there")
+    step, wandb_id = sidecar["step"], sidecar.get("wandb_id")
+    run_id = sidecar.get("run_id", run_id)
+    print0(f"resumed from {resumed_from} (step {step}, epoch {batches.epoch})")
 if step >= total_steps:
-    print0(f"nothing to do: {out_dir} already holds step {step} of {total_steps} (raise max_steps or epochs to go on)")
+    print0(f"nothing to do: {out_dir} already holds step {step} of {total_steps} (raise max_steps "
+           "or epochs to go on)")
 
-# ---------------------------------------------------------------------------------------------------------------
-# evaluation
+# -------------------------------------------------------------------------------------------------
+# evaluation and logging
 
 
 @torch.no_grad()
@@ -307,16 +360,18 @@ def evaluate():
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     counts = torch.zeros(2 * block_size + 2, dtype=torch.float64)
-    for batch in data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id, layout, rank,
-                                   world, pad_multiple, mask_token_id):
+    for batch in data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id,
+                                   layout, rank, world, pad_multiple, mask_token_id):
         batch = to_device(batch)
         with autocast:
             losses, preds, is_mask = forward_losses(model, batch)
         sums += torch.tensor([losses[~is_mask].sum().item(), (~is_mask).sum().item(),
-                              losses[is_mask].sum().item(), is_mask.sum().item()], dtype=torch.float64)
+                              losses[is_mask].sum().item(), is_mask.sum().item()],
+                             dtype=torch.float64)
         full_pred = batch["labels"].clone()
         full_pred[batch["labels"] != -100] = preds
-        counts += data.block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
+        cpu = {k: v.cpu() for k, v in batch.items()}
+        counts += data.block_metrics(full_pred.cpu(), cpu, block_size)
     sums, counts = all_sum(sums.to(device)).cpu(), all_sum(counts.to(device)).cpu()
     model.train()
     out = {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
@@ -325,39 +380,49 @@ def evaluate():
     return out
 
 
-def log_json(row):
+def log_json(row, name="metrics.jsonl"):
     if master:
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(out_dir, name), "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the loop
-os.makedirs(out_dir, exist_ok=True)
+log_json({"event": "resume" if step else "start", "step": step, "run_id": run_id,
+          "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 run = None
 if wandb_log and master:
     import wandb
+    wandb_id = wandb_id or uuid.uuid4().hex[:8]  # kept in every checkpoint: a resume logs to it
     name = wandb_run_name or os.path.basename(os.path.normpath(out_dir))
+    kwargs = dict(project=wandb_project, name=name, config=config, dir=out_dir, id=wandb_id,
+                  resume="allow")
     try:
-        run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir)
+        run = wandb.init(**kwargs)
     except Exception as e:  # no network or no API key: keep training, log offline
         print0(f"wandb: {str(e).splitlines()[0]}; logging offline to {out_dir}/wandb")
-        run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir, mode="offline")
+        run = wandb.init(**kwargs, mode="offline")
 
-stop_requested = False
+# -------------------------------------------------------------------------------------------------
+# the loop
+stop_requested = None
 
 
 def request_stop(signum, frame):
+    """SIGTERM (preemption) or a first Ctrl-C: save at the end of this step, then exit 0. A second
+    Ctrl-C aborts at once (the newest complete checkpoint stays the one to resume)."""
     global stop_requested
-    stop_requested = True
+    if stop_requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    stop_requested = signal.Signals(signum).name
+    again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+    print0(f"{stop_requested}: saving a checkpoint at the end of this step, then exiting{again}")
 
 
-signal.signal(signal.SIGTERM, request_stop)  # preemption: save a checkpoint at the end of this step, then exit 0
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
 model.train()
 peak = peak_flops(device)
-from tqdm import tqdm  # noqa: E402
-
-bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
+bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.isatty()),
+           dynamic_ncols=True)
 
 
 def log_line(line):
@@ -375,9 +440,12 @@ while step < total_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro = batches.next()
-    # the loss is a sum over every supervised position of this optimizer step on every rank, divided by their
-    # number: accumulation and world size never change the math (DESIGN.md section 3)
-    supervised = all_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device))
+    if log_samples:
+        log_json({"step": step + 1, "samples": batches.step_samples}, "samples.jsonl")
+    # the loss is a sum over every supervised position of this step on every rank, divided by their
+    # number: accumulation and world size never change the math (docs/design.md, The loss)
+    labelled = sum((b["labels"] != -100).sum() for b in micro)
+    supervised = all_sum(torch.tensor(float(labelled), device=device))
     stats = torch.zeros(8, dtype=torch.float64, device=device)
     for k, batch in enumerate(micro):
         set_grad_sync(model, k == len(micro) - 1)
@@ -391,15 +459,16 @@ while step < total_steps:
         stats[:7] += torch.stack([x.detach().double() for x in (
             weighted, losses[~is_mask].sum(), (~is_mask).sum(), losses[is_mask].sum(),
             is_mask.sum(), (real & ~batch["is_mask"]).sum(), real.sum())])
-    stats[7] = float(stop_requested)  # every rank learns of a SIGTERM that reached any of them
+    stats[7] = float(stop_requested is not None)  # every rank learns of a signal any rank got
     stats = all_sum(stats)
     loss_sum, ar_sum, ar_n, mask_sum, mask_n, clean_tokens, all_tokens, stop_votes = stats.tolist()
     loss_value = loss_sum / supervised.item()
     if not math.isfinite(loss_value):
-        last = (checkpoints(out_dir) or [(0, "none")])[-1][1]
-        raise UserError(f"loss is {loss_value} at step {step + 1}: stopping without saving (newest checkpoint: "
-                        f"{last}); lower learning_rate or check the data")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        last = (checkpoint.checkpoints(out_dir) or [(0, "none")])[-1][1]
+        raise UserError(f"loss is {loss_value} at step {step + 1}: stopping without saving (newest "
+                        f"checkpoint: {last}); lower learning_rate or check the data")
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -409,16 +478,16 @@ while step < total_steps:
     dt, t0 = time.time() - t0, time.time()
     metrics = {"step": step, "loss": loss_value, "loss_ar": ar_sum / max(ar_n, 1),
                "loss_mask": mask_sum / max(mask_n, 1), "lr": lr, "grad_norm": grad_norm.item(),
-               "tokens_per_sec": all_tokens / dt, "clean_tokens_per_sec": clean_tokens / dt, "epoch": batches.epoch}
+               "tokens_per_sec": all_tokens / dt, "clean_tokens_per_sec": clean_tokens / dt,
+               "epoch": batches.epoch}
     if peak:
         metrics["mfu"] = flops_token * all_tokens / dt / (peak * world)
     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{all_tokens / dt:.0f}")
     if step % log_every == 0 or step == total_steps:
         mfu = f" | mfu {100 * metrics['mfu']:.0f}%" if peak else ""
-        line = (f"step {step}/{total_steps} | loss {loss_value:.4f} (ar {metrics['loss_ar']:.3f}, mask "
-                f"{metrics['loss_mask']:.3f}) | lr {lr:.1e} | grad_norm {metrics['grad_norm']:.2f} | "
-                f"{all_tokens / dt / 1e3:.1f}k tok/s{mfu}")
-        log_line(line)
+        log_line(f"step {step}/{total_steps} | loss {loss_value:.4f} (ar {metrics['loss_ar']:.3f}, "
+                 f"mask {metrics['loss_mask']:.3f}) | lr {lr:.1e} | grad_norm "
+                 f"{metrics['grad_norm']:.2f} | {all_tokens / dt / 1e3:.1f}k tok/s{mfu}")
         log_json(metrics)
         if run:
             run.log(metrics, step=step)
@@ -426,9 +495,9 @@ while step < total_steps:
         val = evaluate()
         metrics.update(val)
         accs = " ".join(f"{val[f'acc@{k}']:.2f}" for k in range(block_size))
-        line = (f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | val_loss_mask {val['val_loss_mask']:.4f}"
-                f" | acc@0..{block_size - 1} {accs} | tpf_tf {val['tpf_tf']:.2f}")
-        log_line(line)
+        log_line(f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | val_loss_mask "
+                 f"{val['val_loss_mask']:.4f} | acc@0..{block_size - 1} {accs} | tpf_tf "
+                 f"{val['tpf_tf']:.2f}")
         log_json({"step": step, **val})
         if run:
             run.log(val, step=step)
@@ -437,7 +506,7 @@ while step < total_steps:
         save_checkpoint(step, metrics)
         t0 = time.time()
     if stop_votes > 0:
-        print0(f"SIGTERM: saved step {step}, exiting")
+        print0(f"stopped on request: saved step {step}, exiting")
         break
 
 bar.close()

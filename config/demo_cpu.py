@@ -1,8 +1,9 @@
-# The embedded CPU demo, written out (these are also train.py's defaults): synthetic 3-digit additions with
-# the column work in a <think> block, a character tokenizer and a 0.6M-parameter Qwen3 built from code.
+# The embedded CPU demo, written out (these are also train.py's defaults): synthetic 3-digit
+# additions with the column work in a <think> block, a character tokenizer and a 0.6M-parameter
+# Qwen3 built from code.
 #   python train.py config/demo_cpu.py && python sample.py
-# batch arithmetic: 16 samples per step (batch_size 16 x 1 micro-step x 1 process); 3600 samples / 16 =
-# 225 steps per epoch, x 4 epochs = 900 steps, under 3 minutes on 2 CPU cores.
+# batch arithmetic: 16 samples per step (batch_size 16 x 1 micro-step x 1 process); 3600 samples
+# / 16 = 225 steps per epoch, x 4 epochs = 900 steps, under 3 minutes on 2 CPU cores.
 out_dir = "out/demo"
 init_from = "demo"
 train_files = "data/demo/train.parquet"

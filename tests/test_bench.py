@@ -1,7 +1,9 @@
-"""bench.py on CPU with tiny shapes: it runs, its JSON holds the checks, the ratios and the lossless == ar count;
-the flex check fails on a leaky mask; a part or a run that crashes is recorded without stopping the others (a GPU
-session may get one try)."""
+"""bench.py on CPU with tiny shapes: it runs, its JSON holds the checks, the ratios and the lossless
+== ar count; the flex check fails on a leaky mask; a part or a run that crashes is recorded without
+stopping the others (a GPU session may get one try)."""
+
 import json
+import os
 import subprocess
 import sys
 
@@ -10,54 +12,103 @@ import torch
 
 from conftest import ROOT
 
-TINY = dict(device="cpu", rows=1, seq_len=64, prompt_len=16, steps=1, decode_samples=2, max_new_tokens=12)
+TINY = dict(
+    device="cpu",
+    rows=1,
+    seq_len=64,
+    prompt_len=16,
+    steps=1,
+    decode_samples=3,
+    max_new_tokens=12,
+    decode_batches="1,2",
+)
 
 
 def test_bench_cpu_json(tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", "--check=True", *(f"--{k}={v}" for k, v in TINY.items()),
-                        f"--json={tmp_path}/b.json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench.py",
+            "--check=True",
+            *(f"--{k}={v}" for k, v in TINY.items()),
+            f"--summary_json={tmp_path}/b.json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.load(open(tmp_path / "b.json"))
     for layout in ("split", "interleaved"):  # CPU: the BlockMask forward against the dense one
-        assert out["check_flex"][layout]["ok"] and out["check_flex"][layout]["flex_fp32_loss_rel_diff"] < 1e-4
-    assert out["check_lossless"]["lossless_equals_ar"] == "1/1"
-    assert out["train"]["split"]["total_tokens"] > out["train"]["plain"]["total_tokens"] > 0
-    assert out["train"]["split_vs_plain_time"] > 0
-    decode = out["decode"]
-    assert decode["lossless"]["same_as_ar"] == decode["ar"]["same_as_ar"] == 2  # lossless output == ar output
-    assert decode["ar"]["tokens"] == decode["lossless"]["tokens"]
-    assert set(out["seconds"]) == {"check_flex", "check_lossless", "train", "decode"}
+        assert (
+            out["check_flex"][layout]["ok"]
+            and out["check_flex"][layout]["flex_fp32_loss_rel_diff"] < 1e-4
+        )
+    assert (
+        out["check_decoding"]["lossless_equals_ar"] == "5/5"
+        and out["check_decoding"]["failures"] == []
+    )
+    assert all(
+        out["check_decoding"][f"batched_{m}_equals_alone"] == "5/5"
+        for m in ("ar", "lossless", "adaptive")
+    )
+    train = out["train"]
+    masks = train["split"]["total_tokens"] - train["split"]["clean_tokens"]
+    assert (
+        train["split"]["clean_tokens"] == train["plain"]["total_tokens"] == 64 and masks == 48 - 12
+    )
+    assert train["split_vs_plain_time"] == pytest.approx(
+        train["split"]["seconds"] / train["plain"]["seconds"]
+    )
+    for batch in ("batch_1", "batch_2"):
+        decode = out["decode"][batch]
+        for mode in ("adaptive", "lossless", "hf_generate"):
+            assert decode[mode]["tokens"] > 0 and decode[mode]["seconds"] > 0
+        # output == ar's
+        assert decode["lossless"]["same_as_ar"] == decode["hf_generate"]["same_as_ar"] == 3
+        assert (
+            decode["ar"]["tokens"]
+            == decode["lossless"]["tokens"]
+            == decode["hf_generate"]["tokens"]
+        )
+    assert set(out["seconds"]) == {"check_flex", "check_decoding", "train", "decode"}
+
+
+def run_main(args):
+    """bench.py run as a script, in this process (so that a test can plant a fault in a module it
+    uses)."""
+    import runpy
+    argv, sys.argv = sys.argv, ["bench.py", *args]
+    try:
+        runpy.run_path(os.path.join(ROOT, "bench.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
 def test_a_crashing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
-    import bench
+    import data
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(bench, "bench_train", broken)
-    for key, value in dict(TINY, decode_samples=1, json=str(tmp_path / "b.json")).items():
-        monkeypatch.setattr(bench, key, value)
+    # the train part packs its rows with it; decode does not
+    monkeypatch.setattr(data, "collate", broken)
+    args = [
+        f"--{k}={v}"
+        for k, v in dict(TINY, decode_samples=1, summary_json=tmp_path / "b.json").items()
+    ]
     with pytest.raises(SystemExit) as exit_:
-        bench.main()
+        run_main(args)
     assert exit_.value.code == 1
     out = json.load(open(tmp_path / "b.json"))
     assert "CUDA out of memory (simulated)" in out["train"]["error"]
-    assert out["decode"]["lossless"]["same_as_ar"] == 1
-
-
-def test_bad_keys_are_one_line_errors():
-    for arg, message in (("--what=trian", "what='trian'"), ("--preset=qwen9", "unknown preset 'qwen9'"),
-                         ("--block_size=0", "block_size must be >= 1"),
-                         ("--json=/nonexistent/b.json", "json='/nonexistent/b.json': No such file")):
-        p = subprocess.run([sys.executable, "bench.py", "--device=cpu", arg], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
-        assert message in p.stderr
+    assert out["decode"]["batch_1"]["lossless"]["same_as_ar"] == 1
 
 
 def test_the_flex_check_catches_a_mask_bug(monkeypatch):
-    """A BlockMask that lets each mask see the first clean token of its own block must fail the check."""
+    """A BlockMask that lets each mask see the first clean token of its own block must fail the
+    check."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     import bench
@@ -69,14 +120,25 @@ def test_the_flex_check_catches_a_mask_bug(monkeypatch):
         rule = mask.make_mask_mod(d, p, lim, m)
 
         def leaky(b, h, q, k):
-            return rule(b, h, q, k) | (m[b, q] & ~m[b, k] & (p[b, k] == lim[b, q]) & (d[b, q] == d[b, k]))
+            return rule(b, h, q, k) | (
+                m[b, q] & ~m[b, k] & (p[b, k] == lim[b, q]) & (d[b, q] == d[b, k])
+            )
 
-        return create_block_mask(leaky, B=d.shape[0], H=None, Q_LEN=d.shape[1], KV_LEN=d.shape[1], device="cpu",
-                                 _compile=False)
+        return create_block_mask(
+            leaky,
+            B=d.shape[0],
+            H=None,
+            Q_LEN=d.shape[1],
+            KV_LEN=d.shape[1],
+            device="cpu",
+            _compile=False,
+        )
 
     cfg = bench.PRESETS["tiny"][0]
     samples = bench.samples_for(2, 120, 20, cfg["vocab_size"])
-    assert bench.check_flex(cfg, torch.device("cpu"), samples, cfg["vocab_size"] - 1)["failures"] == []
+    assert (
+        bench.check_flex(cfg, torch.device("cpu"), samples, cfg["vocab_size"] - 1)["failures"] == []
+    )
     monkeypatch.setattr(model, "block_mask", leaky_block_mask)
     report = bench.check_flex(cfg, torch.device("cpu"), samples, cfg["vocab_size"] - 1)
     assert report["failures"] == ["flex vs dense split", "flex vs dense interleaved"]
@@ -93,7 +155,9 @@ def test_a_crashing_flex_run_fails_the_check_and_the_others_still_compare(monkey
 
     monkeypatch.setattr(bench, "_loss_and_grads", fake)
     cfg = bench.PRESETS["tiny"][0]
-    report = bench.check_flex(cfg, torch.device("cpu"), bench.samples_for(2, 40, 8, cfg["vocab_size"]), 2047)
+    report = bench.check_flex(
+        cfg, torch.device("cpu"), bench.samples_for(2, 40, 8, cfg["vocab_size"]), 2047
+    )
     split = report["split"]
     assert not split["ok"] and "shared memory (simulated)" in split["flex_fp32_error"]
     assert split["dense_bf16_loss_rel_diff"] > 0
@@ -102,16 +166,30 @@ def test_a_crashing_flex_run_fails_the_check_and_the_others_still_compare(monkey
 
 
 def test_a_checkpoint_decodes_in_fp32_at_its_block_size_with_its_stop_tokens(tmp_path, monkeypatch):
-    """A bf16 export (config.json says bfloat16) is still decoded in fp32, where lossless == ar exactly."""
+    """A bf16 export (config.json says bfloat16) is still decoded in fp32, where lossless == ar
+    exactly."""
     import bench
-    from data import stop_ids, write_demo_data
-    from model import export_hf, load_model
-    model, tok, mask_id = load_model("demo", demo_overrides=dict(hidden_size=32, num_layers=1, num_heads=2))
+    from checkpoint import export_hf
+    import chat
+    from data import write_demo_data
+    from model import load_model, training_tokenizer
+    tok, mask_id, new = training_tokenizer("demo")
+    model = load_model(
+        "demo", mask_id, new, demo_overrides=dict(hidden_size=32, num_layers=1, num_heads=2)
+    )
     model.config.next_block_size = 3
     export_hf(model, tok, str(tmp_path / "hf"), master=True, dtype=torch.bfloat16)
     files = write_demo_data(str(tmp_path / "data"), n_train=4, n_test=4)
     monkeypatch.setattr(bench, "ckpt", str(tmp_path / "hf"))
-    monkeypatch.setattr(bench, "data", files["test"])
-    load, prompts, eos, mid, B, source = bench.decode_inputs("tiny", bench.PRESETS["tiny"][0], 16, 2)
+    monkeypatch.setattr(bench, "data_files", files["test"])
+    load, prompts, eos, mid, B, pad, source = bench.decode_inputs(
+        "tiny", bench.PRESETS["tiny"][0], 16, 2
+    )
     assert load(torch.device("cpu")).dtype == torch.float32
-    assert (len(prompts), eos, mid, B, source) == (4, stop_ids(tok), mask_id, 3, str(tmp_path / "hf"))
+    assert (len(prompts), eos, mid, B, source) == (
+        4,
+        chat.Chat(tok).stop_ids(),
+        mask_id,
+        3,
+        str(tmp_path / "hf"),
+    )

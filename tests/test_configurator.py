@@ -14,7 +14,12 @@ def run(argv, **extra):
 
 def test_plain_overrides():
     g = run(["--batch_size=8", "--learning_rate=3e-4", "--compile=True", "--out_dir=runs/a"])
-    assert (g["batch_size"], g["learning_rate"], g["compile"], g["out_dir"]) == (8, 3e-4, True, "runs/a")
+    assert (g["batch_size"], g["learning_rate"], g["compile"], g["out_dir"]) == (
+        8,
+        3e-4,
+        True,
+        "runs/a",
+    )
 
 
 def test_split_on_first_equals_only():
@@ -27,11 +32,16 @@ def test_int_may_override_float():
 
 
 def test_none_default_accepts_anything():
-    assert run(["--val_files=['a.parquet', 'b.parquet']"])["val_files"] == ["a.parquet", "b.parquet"]
+    assert run(["--val_files=['a.parquet', 'b.parquet']"])["val_files"] == [
+        "a.parquet",
+        "b.parquet",
+    ]
     assert run(["--val_files=5"])["val_files"] == 5
 
 
-@pytest.mark.parametrize("text,value", [("True", True), ("False", False), ("true", True), ("false", False)])
+@pytest.mark.parametrize(
+    "text,value", [("True", True), ("False", False), ("true", True), ("false", False)]
+)
 def test_bools_parse(text, value):
     assert run([f"--compile={text}"])["compile"] is value
 
@@ -39,7 +49,10 @@ def test_bools_parse(text, value):
 def test_str_key_keeps_text_as_written():
     assert run(["--out_dir=007"])["out_dir"] == "007"
     assert run(["--train_files=None"])["train_files"] is None
-    assert run(["--train_files=['a.parquet','b.parquet']"])["train_files"] == ["a.parquet", "b.parquet"]
+    assert run(["--train_files=['a.parquet','b.parquet']"])["train_files"] == [
+        "a.parquet",
+        "b.parquet",
+    ]
 
 
 def test_unknown_key_lists_closest():
@@ -71,7 +84,9 @@ def test_config_file_then_overrides(tmp_path):
 def test_config_file_unknown_key(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_sise = 4\n")
-    with pytest.raises(UserError, match=r"c.py sets unknown key 'batch_sise' \(did you mean batch_size"):
+    with pytest.raises(
+        UserError, match=r"c.py sets unknown key 'batch_sise' \(did you mean batch_size"
+    ):
         run([str(cfg)])
 
 

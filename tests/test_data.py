@@ -1,191 +1,44 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import shared_tokenizer, write_parquet
+import chat
+from conftest import example, write_parquet
 from configurator import UserError
-from data import (Batches, block_metrics, build_example, collate, drop_too_long, encode, encode_samples,
-                  end_of_turn_id, eval_batches, load_samples, stop_ids, summarize_metrics, truncate,
-                  write_demo_data)
-from model import demo_tokenizer
+from data import (
+    Batches,
+    Store,
+    block_metrics,
+    collate,
+    eval_batches,
+    summarize_metrics,
+    too_long,
+    truncate,
+    write_demo_data,
+)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-USER = [{"role": "user", "content": "What is 2+2?"}]
-
-
-# ---------------------------------------------------------------- reading parquet and bad input
-
-def test_load_strings_and_chat_lists(tmp_path):
-    a = write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo"}])
-    write_parquet(tmp_path / "b.parquet", [{"prompt": USER, "target": [{"role": "assistant", "content": "4"}]}])
-    samples = load_samples(str(tmp_path / "*.parquet"))
-    assert [s[:2] for s in samples] == [([{"role": "user", "content": "hi"}], "yo"), (USER, "4")]
-    assert samples[0][2] == f"{a} row 0"
-    assert len(load_samples([a, a])) == 2
-
-
-def test_custom_keys(tmp_path):
-    path = write_parquet(tmp_path / "a.parquet", [{"instruction": "hi", "output": "yo"}])
-    assert load_samples(path, "instruction", "output")[0][1] == "yo"
-
-
-@pytest.mark.parametrize("row,message", [
-    ({"question": "hi", "target": "yo"}, "missing column 'prompt'"),
-    ({"prompt": "  ", "target": "yo"}, "row 1: column 'prompt' message 0 has empty content"),
-    ({"prompt": "hi", "target": ""}, "row 1: column 'target' is empty"),
-    ({"prompt": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], "target": "yo"},
-     "row 1: column 'prompt' message 1 has unknown role 'robot'"),
-    ({"prompt": "hi", "target": [{"role": "user", "content": "x"}]}, "row 1: column 'target' has no assistant"),
-    ({"prompt": None, "target": "yo"}, "row 1: column 'prompt' must be a string or a list .* got NoneType"),
-    ({"prompt": [], "target": "yo"}, "row 1: column 'prompt' must be .* got an empty list"),
-])
-def test_bad_rows_name_file_row_and_problem(tmp_path, row, message):
-    # a parquet column holds one type: the good first row is of the same kind as the bad one
-    good = {k: USER if isinstance(v, list) and k == "prompt" else
-            [{"role": "assistant", "content": "ok"}] if isinstance(v, list) else "ok" for k, v in row.items()}
-    rows = [row, row] if "question" in row else [good, row]
-    path = write_parquet(tmp_path / "bad.parquet", rows)
-    with pytest.raises(UserError, match=message) as e:
-        load_samples(path)
-    assert "bad.parquet" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_non_string_content(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    msgs = pa.array([[{"role": "user", "content": 3}]], pa.list_(pa.struct([("role", pa.string()),
-                                                                            ("content", pa.int64())])))
-    pq.write_table(pa.table({"prompt": msgs, "target": ["x"]}), tmp_path / "n.parquet")
-    with pytest.raises(UserError, match="row 0: column 'prompt' message 0 content must be a string, got int"):
-        load_samples(str(tmp_path / "n.parquet"))
-
-
-def test_corrupt_and_missing_files(tmp_path):
-    (tmp_path / "junk.parquet").write_bytes(b"this is not parquet at all")
-    with pytest.raises(UserError, match="junk.parquet: cannot read parquet"):
-        load_samples(str(tmp_path / "junk.parquet"))
-    with pytest.raises(UserError, match="not found"):
-        load_samples(str(tmp_path / "absent.parquet"))
-    with pytest.raises(UserError, match="no parquet file matches"):
-        load_samples(str(tmp_path / "none*.parquet"))
-
-
-def test_zero_samples(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "target": pa.array([], pa.string())}),
-                   tmp_path / "empty.parquet")
-    with pytest.raises(UserError, match="no samples"):
-        load_samples(str(tmp_path / "empty.parquet"))
-
-
-# ---------------------------------------------------------------- encode: chat templates and <think>
-
-def _tok(template):
-    """The demo's character tokenizer with ChatML's special tokens and another template."""
-    tok = demo_tokenizer()
-    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
-    tok.chat_template = template
-    return tok
-
-
-def _decode(tok, ids):
-    return tok.decode(ids, skip_special_tokens=False)
-
-
-def test_chatml_without_think_keeps_target_whole():
-    tok = _tok(CHATML)
-    for target in ("<think>\nhm</think>The answer is 4.", "The answer is 4."):
-        p, r = encode(tok, USER, target)
-        assert _decode(tok, p).endswith("<|im_start|>assistant\n")
-        assert _decode(tok, r) == target + "<|im_end|>"
-
-
-def test_think_generation_prompt_overlap_removed():
-    tok = demo_tokenizer()  # its generation prompt ends with <think>\n, like the R1 distills
-    p, r = encode(tok, "What is 2+2?", "<think>\nLet me add.</think>The answer is 4.")
-    assert _decode(tok, p).endswith("<|assistant|>\n<think>\n")
-    assert _decode(tok, r) == "Let me add.</think>The answer is 4.<|end|>"
-    # only an exact overlap counts: the prompt ends "<think>\n", which "<think>Let" does not start with
-    p, r = encode(tok, "What is 2+2?", "<think>Let me add.</think>4")
-    assert _decode(tok, r) == "<think>Let me add.</think>4<|end|>"
-    p, r = encode(tok, "What is 2+2?", "The answer is 4.")  # no think at all: nothing to remove
-    assert _decode(tok, r) == "The answer is 4.<|end|>"
-
-
-def test_coincidental_plain_text_overlap_is_kept():
-    tok = _tok(CHATML)
-    _, r = encode(tok, USER, "nt\nHi")  # the prompt ends with "assistant\n": plain text, not an added token
-    assert _decode(tok, r) == "nt\nHi<|im_end|>"
-
-
-def test_prompt_format_without_chat_template():
-    tok = _tok(None)
-    with pytest.raises(UserError, match="has no chat template: set prompt_format"):
-        encode(tok, USER, "4")
-    p, r = encode(tok, USER, "4", prompt_format="Q: {prompt}\nA: ")
-    assert _decode(tok, p) == "Q: What is 2+2?\nA: " and r[-1] == tok.eos_token_id
-
-
-def test_stop_ids_are_the_end_of_turn_and_eos():
-    tok = demo_tokenizer()
-    assert stop_ids(tok) == {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id}
-    assert stop_ids(tok, prompt_format="Q: {prompt}\nA: ") == {tok.eos_token_id}  # no template turn to close
-
-
-def test_qwen25_chatml_real_tokenizer():
-    tok = shared_tokenizer("qwen2.5-instruct")
-    p, r = encode(tok, "What is 2+2?", "<think>\nhm\n</think>\n\nThe answer is 4.")
-    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
-    assert tok.decode(p).endswith("<|im_start|>assistant\n")
-    assert tok.decode(r) == "<think>\nhm\n</think>\n\nThe answer is 4.<|im_end|>"
-
-
-def test_qwen3_real_tokenizer_with_and_without_think_prompt():
-    tok = shared_tokenizer("qwen3")
-    target = "<think>\nLet me calculate.\n</think>\n\nThe answer is 4."
-    p, r = encode(tok, "What is 2+2?", target)  # Qwen3's generation prompt has no <think>: keep it
-    assert tok.decode(r) == target + "<|im_end|>" and r[0] == tok.convert_tokens_to_ids("<think>")
-    # an R1-distill style template appends <think>\n to the generation prompt: the overlap goes
-    tok.chat_template = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
-    p, r = encode(tok, "What is 2+2?", target)
-    assert tok.decode(p).endswith("<|im_start|>assistant\n<think>\n")
-    assert tok.decode(r) == "Let me calculate.\n</think>\n\nThe answer is 4.<|im_end|>"
-
-
-def test_gpt2_without_template():
-    tok = shared_tokenizer("gpt2")
-    with pytest.raises(UserError, match="no chat template"):
-        encode(tok, "hi", "there")
-    p, r = encode(tok, "hi", " there", prompt_format="Q: {prompt}\nA:")
-    assert r[-1] == tok.eos_token_id and tok.decode(p) == "Q: hi\nA:"
-
-
-def test_encode_samples_on_gsm8k_style_parquet(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
-             "target": [{"role": "assistant",
-                         "content": f"<think>\n{i}+{i}={2 * i}\n</think>\n\nThe answer is {2 * i}."}]}
-            for i in range(5)]
-    encoded = encode_samples(demo_tokenizer(), load_samples(write_parquet(tmp_path / "t.parquet", rows)))
-    assert len(encoded) == 5 and all(r[-1] == demo_tokenizer().convert_tokens_to_ids("<|end|>") for _, r in encoded)
-
-
-# ---------------------------------------------------------------- build_example, truncation, packing
+# ---------------- build_example, truncation, packing
 
 def test_build_example_rejects_bad_arguments():
     with pytest.raises(UserError, match="block_offset must be an int in \\[0, 3\\]"):
-        build_example([1], [2, 3], 4, 9, block_offset=4)
-    with pytest.raises(UserError, match="layout must be"):
-        build_example([1], [2, 3], 4, 9, layout="zigzag")
+        example([1], [2, 3], 4, 9, block_offset=4)
+    with pytest.raises(UserError, match="layout=.zigzag.: expected one of .split., .interleaved."):
+        example([1], [2, 3], 4, 9, layout="zigzag")
     with pytest.raises(UserError, match="block_size must be"):
-        build_example([1], [2, 3], 0, 9)
+        example([1], [2, 3], 0, 9)
 
 
 def test_block_size_one_is_plain_sft():
-    ex = build_example([1, 2], [3, 4, 5], 1, 9)
-    assert ex["input_ids"].tolist() == [1, 2, 3, 4, 5] and ex["labels"].tolist() == [-100, 3, 4, 5, -100]
+    ex = example([1, 2], [3, 4, 5], 1, 9)
+    assert ex["input_ids"].tolist() == [1, 2, 3, 4, 5] and ex["labels"].tolist() == [
+        -100,
+        3,
+        4,
+        5,
+        -100,
+    ]
     assert not ex["is_mask"].any()
 
 
@@ -193,28 +46,64 @@ def test_block_size_one_is_plain_sft():
 @pytest.mark.parametrize("offset", [0, 1, 2, 3])
 def test_truncation_equals_building_the_shorter_response(layout, offset):
     prompt, response = list(range(1, 6)), list(range(10, 23))
-    full = build_example(prompt, response, 4, 99, layout, offset)
+    full = example(prompt, response, 4, 99, layout, offset)
     for max_length in range(6, len(full["input_ids"]) + 1):
         cut = truncate(full, max_length)
         assert len(cut["input_ids"]) <= max_length
         keep = int((cut["position_ids"][~cut["is_mask"]] >= len(prompt)).sum())
-        ref = build_example(prompt, response[:keep], 4, 99, layout, offset)
+        ref = example(prompt, response[:keep], 4, 99, layout, offset)
         for key in ref:
             assert torch.equal(cut[key], ref[key]), (max_length, key)
         if max_length < len(full["input_ids"]):  # and it is the longest that fits
-            assert len(build_example(prompt, response[:keep + 1], 4, 99, layout, offset)["input_ids"]) > max_length
+            assert (
+                len(example(prompt, response[: keep + 1], 4, 99, layout, offset)["input_ids"])
+                > max_length
+            )
     assert truncate(full, 5) is None  # the prompt alone fills the row
 
 
+def test_truncating_a_conversation_equals_building_the_shorter_one():
+    """Several learned turns: cutting to a row's length keeps a prefix of the conversation, exactly
+    as if it had been built from that prefix (the later turns clipped or gone); the first turn's
+    prompt is never cut.
+    """
+    from data import build_example
+    rng = random.Random(3)
+    for _ in range(60):
+        B, layout = rng.randint(1, 5), rng.choice(["split", "interleaved"])
+        spans, at = [], rng.randint(2, 6)
+        for _ in range(rng.randint(1, 3)):
+            n = rng.randint(1, 8)
+            spans.append((at, at + n))
+            at += n + rng.randint(1, 3)
+        ids, offsets = [rng.randint(1, 90) for _ in range(spans[-1][1])], [
+            rng.randrange(B) for _ in spans
+        ]
+        full = build_example(ids, spans, B, 99, layout, offsets)
+        for max_length in range(spans[0][0], len(full["input_ids"]) + 1):
+            cut = truncate(full, max_length)
+            if cut is None:
+                assert max_length <= spans[0][0] + 1
+                continue
+            keep = int((~cut["is_mask"]).sum())
+            kept = [(s, min(e, keep)) for s, e in spans if s < keep]
+            ref = build_example(ids[:keep], kept, B, 99, layout, offsets[:len(kept)])
+            for key in ref:
+                assert torch.equal(cut[key], ref[key]), (max_length, key)
+
+
 def test_collate_packs_documents():
-    exs = [build_example([1, 2, 3], [4, 5, 6, 7, 8], 4, 99), build_example([1, 2], [4, 5], 2, 99),
-           build_example([7] * 8, [5] * 20, 4, 99)]
+    exs = [example([1, 2, 3], [4, 5, 6, 7, 8], 4, 99), example([1, 2], [4, 5], 2, 99),
+           example([7] * 8, [5] * 20, 4, 99)]
     b = collate(exs, max_length=32)
     lens = [len(e["input_ids"]) for e in exs]
     assert lens == [11, 5, 43]  # the last is cut to fit a row of its own
     assert b["input_ids"].shape == (2, 32) and b["truncated"] == 1 and b["dropped"] == 0
-    assert b["doc_ids"][0].tolist() == [0] * lens[0] + [1] * lens[1] + [-1] * (32 - lens[0] - lens[1])
-    assert b["position_ids"][0, lens[0]:lens[0] + 2].tolist() == [0, 1]  # positions restart per document
+    assert b["doc_ids"][0].tolist() == [0] * lens[0] + [1] * lens[1] + [-1] * (
+        32 - lens[0] - lens[1]
+    )
+    # positions restart per document
+    assert b["position_ids"][0, lens[0] : lens[0] + 2].tolist() == [0, 1,]
     pad = b["doc_ids"] == -1
     assert (b["labels"][pad] == -100).all() and not b["is_mask"][pad].any()
     assert not pad[:, :-1][~pad[:, 1:]].any()  # padding only at the end of a row
@@ -223,23 +112,29 @@ def test_collate_packs_documents():
 
 
 def test_collate_drops_prompt_that_does_not_fit():
-    b = collate([build_example([1] * 40, [2, 3], 2, 99), build_example([1], [2, 3], 2, 99)], max_length=16)
+    b = collate([example([1] * 40, [2, 3], 2, 99), example([1], [2, 3], 2, 99)], max_length=16)
     assert b["dropped"] == 1 and b["input_ids"].shape[0] == 1
     empty = collate([], max_length=16, pad_multiple=8)
     assert empty["input_ids"].shape == (1, 8) and (empty["labels"] == -100).all()
 
 
-def test_drop_too_long_counts():
-    kept, dropped, truncated = drop_too_long([([1] * 10, [2] * 4), ([1] * 3, [2] * 8), ([1] * 2, [2])], 10, 4)
-    assert (len(kept), dropped, truncated) == (2, 1, 1)  # 3 + 8 + 6 masks > 10
+def test_too_long_counts_from_stored_lengths():
+    pairs = [([1] * 10, [2] * 4), ([1] * 3, [2] * 8), ([1] * 2, [2])]
+    keep, dropped, truncated = too_long(
+        [(p + r, [(len(p), len(p) + len(r))]) for p, r in pairs], 10, 4
+    )
+    assert (keep.tolist(), dropped, truncated) == ([1, 2], 1, 1)  # 3 + 8 + 6 masks > 10
 
 
-# ---------------------------------------------------------------- the iterator
+# ---------------- the iterator
 
 def _samples(n, seed=0):
     rng = random.Random(seed)
-    return [([rng.randint(1, 50) for _ in range(rng.randint(1, 5))],
-             [rng.randint(1, 50) for _ in range(rng.randint(1, 9))]) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        P, n_r = rng.randint(1, 5), rng.randint(1, 9)
+        out.append(([rng.randint(1, 50) for _ in range(P + n_r)], [(P, P + n_r)]))
+    return out
 
 
 def _docs(micro):
@@ -259,14 +154,19 @@ def test_batches_are_sharded_deterministic_and_resumable():
     one = Batches(samples, 2, 3, 64, 4, 99, seed=3)
     assert one.steps_per_epoch == 8
     steps = [one.next() for _ in range(20)]  # crosses two epoch boundaries
-    two = [Batches(samples, 2, 3 // 1, 64, 4, 99, seed=3, rank=r, world_size=1) for r in range(1)]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(steps[0], two[0].next()))
+    same_seed = Batches(samples, 2, 3, 64, 4, 99, seed=3)
+    other_seed = Batches(samples, 2, 3, 64, 4, 99, seed=4)
+    assert [_docs(s) for s in steps] == [_docs(same_seed.next()) for _ in range(20)]
+    assert [_docs(s) for s in steps[:8]] != [_docs(other_seed.next()) for _ in range(8)]
+    epoch0 = sum((_docs(s) for s in steps[:8]), [])  # 8 steps of 6 samples: 48 distinct of the 50
+    assert len(epoch0) == 48 and len({tuple(x) for x in epoch0}) == len(set(map(tuple, epoch0)))
     # two ranks with half the micro-steps each see, together, what one rank sees
     samples = _samples(48)
     ref = Batches(samples, 2, 4, 64, 4, 99, seed=1)
     ranks = [Batches(samples, 2, 2, 64, 4, 99, seed=1, rank=r, world_size=2) for r in range(2)]
     for _ in range(9):
         assert _docs(ref.next()) == _docs(ranks[0].next()) + _docs(ranks[1].next())
+        assert ref.step_samples == ranks[0].step_samples == ranks[1].step_samples
     # resume: a fresh iterator loaded from a state continues identically
     it = Batches(samples, 2, 2, 64, 4, 99, seed=5)
     for _ in range(7):
@@ -277,7 +177,34 @@ def test_batches_are_sharded_deterministic_and_resumable():
     again.load_state_dict(state)
     for a, b in zip(expected, [again.next() for _ in range(5)]):
         for x, y in zip(a, b):
-            assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "limit"))
+            assert all(
+                torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "limit")
+            )
+
+
+@pytest.mark.parametrize(
+    "batch_size,micro_steps,world", [(3, 1, 1), (1, 2, 2), (2, 3, 1), (5, 2, 1)]
+)
+def test_batches_resume_with_another_batch_geometry(batch_size, micro_steps, world):
+    """Stopped after 3 steps of 4 samples, resumed with another batch size, accumulation or world
+    size: the epoch goes on with the next unseen sample; nothing skipped, nothing repeated."""
+    samples = _samples(40)
+    it = Batches(samples, 2, 2, 64, 4, 99, seed=7)
+    seen = []
+    for _ in range(3):
+        it.next()
+        seen += it.step_samples
+    again = Batches(samples, batch_size, micro_steps, 64, 4, 99, seed=7, world_size=world)
+    again.load_state_dict(it.state_dict())
+    while True:
+        again.next()
+        if again.epoch > 0:
+            break
+        seen += again.step_samples
+    order = it._epoch_plan(0)[0].tolist()
+    assert seen == order[:len(seen)]
+    # only the epoch's incomplete last step is skipped
+    assert len(samples) - len(seen) < again.global_batch
 
 
 def test_batches_epochs_reshuffle_and_cover_everything():
@@ -285,8 +212,8 @@ def test_batches_epochs_reshuffle_and_cover_everything():
     it = Batches(samples, 3, 1, 64, 4, 99, seed=0)
     epoch0 = sum((_docs(it.next()) for _ in range(4)), [])
     epoch1 = sum((_docs(it.next()) for _ in range(4)), [])
-    assert sorted(epoch0) == sorted(epoch1) == sorted(tuple(p + r) for p, r in samples)
-    assert epoch0 != epoch1 and it.state_dict() == {"epoch": 1, "step": 4}
+    assert sorted(epoch0) == sorted(epoch1) == sorted(tuple(ids) for ids, _ in samples)
+    assert epoch0 != epoch1 and it.state_dict() == {"epoch": 1, "consumed": 12}
 
 
 def test_batches_too_few_samples():
@@ -298,13 +225,15 @@ def test_eval_batches_same_count_on_every_rank():
     samples = _samples(5)
     per_rank = [list(eval_batches(samples, 2, 64, 4, 99, rank=r, world_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
-    assert sorted(_docs(per_rank[0]) + _docs(per_rank[1])) == sorted(tuple(p + r) for p, r in samples)
+    assert sorted(_docs(per_rank[0]) + _docs(per_rank[1])) == sorted(
+        tuple(ids) for ids, _ in samples
+    )
 
 
-# ---------------------------------------------------------------- metrics
+# ---------------- metrics
 
 def test_block_metrics_counts_offsets_and_accepted_prefix():
-    ex = build_example([1, 2], [10, 11, 12, 13, 14, 15, 16], 4, 99)  # blocks [10..13] [14..16]
+    ex = example([1, 2], [10, 11, 12, 13, 14, 15, 16], 4, 99)  # blocks [10..13] [14..16]
     b = collate([ex], 32)
     pred = b["labels"].clone()
     masks = b["is_mask"][0].nonzero().flatten().tolist()  # offsets 1,2,3 then 1,2
@@ -317,15 +246,243 @@ def test_block_metrics_counts_offsets_and_accepted_prefix():
     assert m["tpf_tf"] == pytest.approx(7 / 2)
 
 
-# ---------------------------------------------------------------- the demo data set
+# ---------------- the demo data set
 
 def test_demo_data_is_deterministic_and_disjoint(tmp_path):
     a = write_demo_data(str(tmp_path / "a"), n_train=300, n_test=50)
     b = write_demo_data(str(tmp_path / "b"), n_train=300, n_test=50)
-    ta, tb = load_samples(a["train"]), load_samples(b["train"])
-    assert [s[:2] for s in ta] == [s[:2] for s in tb]
-    test = load_samples(a["test"])
-    assert not {s[0][0]["content"] for s in test} & {s[0][0]["content"] for s in ta}
-    for messages, target, _ in test:
-        q = messages[0]["content"]
+    ta, tb = chat.read_rows([a["train"]]), chat.read_rows([b["train"]])
+    assert [r[0] for r in ta] == [r[0] for r in tb]
+    test = chat.read_rows([a["test"]])
+    assert not {r[0][0]["content"] for r in test} & {r[0][0]["content"] for r in ta}
+    for messages, _, _, _ in test:
+        q, target = messages[0]["content"], messages[1]["content"]
         assert target.startswith("<think>\n") and target.endswith(f"The answer is {eval(q[8:-1])}.")
+
+
+# ---------------- the store: tokenized once, memory-mapped
+
+def _store(files, tok, cache, **kwargs):
+    from data import load_store
+    return load_store(files, chat.Chat(tok), str(cache), **kwargs)
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        list(a[i][0]) == list(b[i][0]) and a[i][1] == b[i][1] for i in range(len(a))
+    )
+
+
+def test_store_holds_what_encode_gives(tmp_path):
+    """Demo data (prompt/target), and a file of whole conversations: the store's samples are token
+    for token what chat.encode gives row by row; a second load finds it instead of building it."""
+    from model import demo_tokenizer
+    tok = demo_tokenizer()
+    files = write_demo_data(str(tmp_path / "demo"), n_train=40, n_test=4)
+    conversations = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{i}+{i}?"},
+                {"role": "assistant", "content": "hm"},
+                {"role": "user", "content": "so?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(7)
+    ]
+    chats = write_parquet(tmp_path / "chats.parquet", conversations)
+    for path in (files["train"], chats):
+        store, key, built = _store(path, tok, tmp_path / "cache", workers=2)
+        reference = [
+            chat.Chat(tok).encode(m, first, tools)[:2]
+            for m, first, tools, _ in chat.read_rows([path])
+        ]
+        assert built is not None and _same(store, Store.from_samples(reference))
+        again, key2, built2 = _store(path, tok, tmp_path / "cache")
+        assert key2 == key and built2 is None and _same(again, store)
+        assert isinstance(again.ids, np.memmap) and again.where(3) == f"{path} row 3"
+    assert [len(s) for _, s in [store[i] for i in range(7)]] == [
+        2
+    ] * 7  # both assistant turns learned
+
+
+def test_store_of_gsm8k_with_the_qwen3_tokenizer(tmp_path):
+    from conftest import SHARED_DATA, shared_tokenizer
+    tok = shared_tokenizer("qwen3")
+    import json
+    rows = []
+    for line in open(f"{SHARED_DATA}/gsm8k/train.jsonl").readlines()[:200]:
+        ex = json.loads(line)
+        work, answer = ex["answer"].split("####")
+        rows.append(
+            {
+                "prompt": ex["question"],
+                "target": f"<think>\n{work.strip()}\n</think>\n\n{answer.strip()}.",
+            }
+        )
+    path = write_parquet(tmp_path / "gsm.parquet", rows)
+    store, _, _ = _store(path, tok, tmp_path / "cache")
+    reference = [
+        chat.Chat(tok).encode(m, first, tools)[:2] for m, first, tools, _ in chat.read_rows([path])
+    ]
+    assert _same(store, Store.from_samples(reference))
+
+
+def test_one_or_two_builders_make_the_same_store(tmp_path):
+    from model import demo_tokenizer
+    files = write_demo_data(str(tmp_path / "demo"), n_train=300, n_test=4)
+    a, key_a, _ = _store(files["train"], demo_tokenizer(), tmp_path / "one", workers=1)
+    b, key_b, _ = _store(files["train"], demo_tokenizer(), tmp_path / "two", workers=2)
+    assert key_a == key_b
+    for name in ("ids.bin", "offsets.npy", "spans.npy", "span_offsets.npy", "source.npy"):
+        assert (tmp_path / "one" / key_a / name).read_bytes() == (
+            tmp_path / "two" / key_b / name
+        ).read_bytes()
+
+
+def test_what_decides_the_tokens_decides_the_key(tmp_path):
+    from data import expand_files, store_key
+    from model import demo_tokenizer
+    path = write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo"}])
+    keys = ["prompt", "target", "messages", "tools"]
+
+    def key(tok=None, options=None, keys=keys, prompt_format=None):
+        conversation = chat.Chat(tok or demo_tokenizer(), options, prompt_format)
+        return store_key(expand_files(path), conversation, keys, str(tmp_path))
+
+    base = key()
+    assert key() == base
+    other = demo_tokenizer()
+    other.add_tokens(["<|new|>"], special_tokens=True)
+    template = demo_tokenizer()
+    template.chat_template = template.chat_template.replace("<think>", "<reason>")
+    changed = [
+        key(tok=other),
+        key(tok=template),
+        key(options={"enable_thinking": True}),
+        key(keys=["q", "target", "messages", "tools"]),
+        key(prompt_format="Q: {prompt}\nA: "),
+    ]
+    write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo!"}])  # the data changed
+    changed.append(key())
+    assert len(set(changed + [base])) == len(changed) + 1
+
+
+def test_a_damaged_store_is_rebuilt_never_loaded(tmp_path):
+    from model import demo_tokenizer
+    files = write_demo_data(str(tmp_path / "demo"), n_train=50, n_test=4)
+    store, key, _ = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
+    reference = [(list(store[i][0]), store[i][1]) for i in range(len(store))]
+    ids = tmp_path / "cache" / key / "ids.bin"
+    ids.write_bytes(ids.read_bytes()[:100])  # truncated
+    again, _, built = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
+    assert built is not None and _same(again, Store.from_samples(reference))
+    (tmp_path / "cache" / key / "meta.json").unlink()  # a build cut short
+    assert _store(files["train"], demo_tokenizer(), tmp_path / "cache")[2] is not None
+
+
+def test_rows_the_template_refuses_are_counted_and_listed(tmp_path):
+    from conftest import byte_tokenizer
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ] * 3 + [
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    ] * 4
+    path = write_parquet(tmp_path / "g.parquet", rows)
+    with pytest.raises(UserError) as e:
+        _store(path, byte_tokenizer("gemma-2"), tmp_path / "cache")
+    message = str(e.value)
+    assert (
+        message.startswith("4 of 7 rows cannot be rendered by the chat template (")
+        and "\n" not in message
+    )
+    assert (
+        f"{path} row 3: System role not supported; {path} row 4: System role not supported"
+        in message
+    )
+    # nothing half-written is left
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_a_cache_folder_that_cannot_be_written(tmp_path):
+    from model import demo_tokenizer
+    files = write_demo_data(str(tmp_path / "demo"), n_train=8, n_test=4)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        UserError, match="data_cache .*file/cache' cannot be created: Not a directory"
+    ):
+        _store(files["train"], demo_tokenizer(), tmp_path / "file" / "cache")
+
+
+# ---------------- micro-batches of a token budget
+
+def reasoning_lengths(n, seed=0):
+    """Sample lengths like real R1 traces: log-uniform from 100 to 16k tokens."""
+    rng = np.random.default_rng(seed)
+    return np.exp(rng.uniform(np.log(100), np.log(16000), n)).astype(int)
+
+
+def test_token_budget_rows_are_full_and_steps_cost_the_same():
+    lengths = reasoning_lengths(3000)
+    samples = Store.from_samples([(np.arange(n) % 50 + 1, [(min(50, n // 3), n)]) for n in lengths])
+    it = Batches(samples, 0, 1, 32768, 4, 99, batch_tokens=65536, seed=3)
+    assert (it.rows, it.row_length) == (2, 32768)
+    plan = it._plan(0)
+    real = [sum(min(l, 32768) for row in mb for l in it_lengths(it, row)) for mb in plan]
+    assert it.padding() <= 0.05 and max(real) / min(real) <= 1.3, (
+        it.padding(),
+        max(real) / min(real),
+    )
+    covered = [i for mb in plan for row in mb for i in row]
+    # the epoch's tail, less than one micro-batch of tokens
+    skipped = set(range(len(samples))) - set(covered)
+    assert len(covered) == len(set(covered)) and sum(it_lengths(it, skipped)) < 65536
+    batch = it.next()[0]
+    assert batch["input_ids"].shape == (2, 32768)
+
+
+def it_lengths(it, row):
+    order, offsets = it._epoch_plan(0)
+    from data import example_lengths
+    lengths = example_lengths(it.samples, it.block_size, offsets)
+    return [lengths[i] for i in row]
+
+
+def test_token_budget_is_sharded_resumable_and_refuses_another_budget():
+    samples = Store.from_samples(
+        [(np.arange(n) % 50 + 1, [(3, n)]) for n in reasoning_lengths(300, 1) // 50 + 5]
+    )
+    ref = Batches(samples, 0, 4, 256, 4, 99, batch_tokens=512, seed=1)
+    ranks = [
+        Batches(samples, 0, 2, 256, 4, 99, batch_tokens=512, seed=1, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    for _ in range(5):
+        assert _docs(ref.next()) == _docs(ranks[0].next()) + _docs(ranks[1].next())
+    # another accumulation: fine
+    again = Batches(samples, 0, 1, 256, 4, 99, batch_tokens=512, seed=1)
+    again.load_state_dict(ref.state_dict())
+    assert _docs(again.next() + again.next() + again.next() + again.next()) == _docs(ref.next())
+    other = Batches(samples, 0, 4, 256, 4, 99, batch_tokens=1024, seed=1)
+    with pytest.raises(
+        UserError,
+        match="counts micro-batches of batch_tokens=512, max_length=256; this run has "
+        "batch_tokens=1024",
+    ):
+        other.load_state_dict(ref.state_dict())
+    with pytest.raises(UserError, match="counts micro-batches .* this run has batch_tokens=0"):
+        Batches(samples, 4, 1, 256, 4, 99, seed=1).load_state_dict(ref.state_dict())
+
+
+def test_token_budget_smaller_than_a_prompt_names_the_sample(tmp_path):
+    samples = Store.from_samples([([1] * 10, [(5, 10)]), ([1] * 90, [(80, 90)])])
+    with pytest.raises(
+        UserError, match="sample 1: its prompt alone has 80 tokens, not fewer than batch_tokens=64"
+    ):
+        Batches(samples, 0, 1, 256, 4, 99, batch_tokens=64)

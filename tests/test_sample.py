@@ -1,5 +1,6 @@
-"""sample.py: decoding scenarios against references (HF generate, full recompute), crafted logits for the
-adaptive rules, and the command line."""
+"""sample.py: decoding scenarios against references (HF generate, full recompute), crafted logits
+for the adaptive rules, and the command line."""
+
 import json
 import os
 import subprocess
@@ -12,89 +13,169 @@ from conftest import ROOT, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
-from sample import MODES, extract_answer, generate
+from sample import MODES, extract_answer, generate, normalize_answer, same_answer
 
 MASK = 127
+
+
+def random_prompts(n, seed=0, vocab=126):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (3 + 4 * i,), generator=g).tolist() for i in range(n)]
 
 
 def test_ar_equals_hf_generate():
     for arch in ("qwen3", "llama"):
         model = tiny_model(arch, vocab_size=128)
-        for seed in range(4):
-            prompt = torch.randint(0, 126, (3 + 4 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
-            eos = model.generation_config.eos_token_id  # Llama's config has one, Qwen3's none
-            ours, stats = generate(model, prompt, "ar", 4, MASK, 24, eos)
-            theirs = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0)
+        eos = model.generation_config.eos_token_id  # Llama's config has one, Qwen3's none
+        prompts = random_prompts(4)
+        batched = generate(model, prompts, "ar", 4, MASK, 24, eos, batch_size=3)
+        for prompt, (ours, stats) in zip(prompts, batched):
+            theirs = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=24,
+                pad_token_id=0,
+            )
             assert ours == theirs[0, len(prompt):].tolist()
             assert stats == {"forwards": len(ours), "tokens": len(ours)} and len(set(ours)) > 3
+
+
+def test_one_prompt_gives_one_result_many_give_a_list():
+    model = tiny_model("qwen3", vocab_size=128)
+    tokens, stats = generate(model, [5, 6, 7], "ar", 4, MASK, 5)
+    assert isinstance(tokens[0], int) and stats["tokens"] == len(tokens) == 5
+    (tokens2, _), = generate(model, [[5, 6, 7]], "ar", 4, MASK, 5)
+    assert tokens2 == tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_decoding_equals_each_prompt_alone(arch, mode):
+    """Prompts of different lengths; rows that stop early (EOS) and late (max_new_tokens); more
+    prompts than rows, so finished rows refill: every row gives what its prompt gives alone, with
+    honest stats.
+    """
+    model = tiny_model(arch, vocab_size=128, seed=3)
+    prompts = random_prompts(7, seed=1)
+    # prompt 0 stops early
+    eos = generate(model, prompts[0], mode, 4, MASK, 20, threshold=0.05)[0][6]
+    alone = [
+        generate(model, p, mode, 4, MASK, 20, eos_token_id=eos, threshold=0.05) for p in prompts
+    ]
+    lengths = [len(t) for t, _ in alone]
+    assert (
+        min(lengths) < 20
+        and max(lengths) == 20
+        and len({tuple(t) for t, _ in alone}) == len(prompts)
+    )
+    for batch_size in (1, 3, 8):
+        assert (
+            generate(model, prompts, mode, 4, MASK, 20, eos, 0.05, batch_size) == alone
+        ), batch_size
 
 
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 6])
 def test_lossless_equals_ar_on_random_model(B):
     model = tiny_model("qwen3", vocab_size=128, seed=B)
-    for seed in range(3):
-        prompt = torch.randint(0, 126, (5 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
-        ar, _ = generate(model, prompt, "ar", B, MASK, 30, eos_token_id=3)
+    prompts = random_prompts(3, seed=B)
+    ar = generate(model, prompts, "ar", B, MASK, 30, eos_token_id=3, batch_size=2)
+    for prompt, (want, _) in zip(prompts, ar):
         trace = []
         ll, stats = generate(model, prompt, "lossless", B, MASK, 30, eos_token_id=3, trace=trace)
-        assert ll == ar
-        assert stats["forwards"] == len(trace) and stats["tokens"] == sum(len(t) for t, _ in trace) == len(ll)
+        assert ll == want
+        assert stats["forwards"] == len(trace) and stats["tokens"] == sum(
+            len(t) for t, _ in trace
+        ) == len(ll)
         assert all(1 <= len(t) <= B for t, _ in trace)
+    # real outputs
+    assert sum(len(t) for t, _ in ar) >= 60 and len({t for out, _ in ar for t in out}) > 20
 
 
-def test_block_step_with_cache_equals_full_recompute():
-    model = tiny_model("llama", vocab_size=128)
-    prompt, B = [5, 9, 2, 44, 7], 4
+def full_logits(model, seq, masks_after=0):
+    """Logits of a plain forward over seq, plus masks_after masks drafting after it (no cache)."""
+    n, B1 = len(seq), masks_after
+    ids = torch.tensor([seq + [MASK] * B1])
+    meta = {"doc_ids": torch.zeros_like(ids), "position_ids": torch.arange(n + B1)[None],
+            "limit": torch.tensor([list(range(1, n + 1)) + [n] * B1]),
+            "is_mask": torch.tensor([[False] * n + [True] * B1])}
+    with torch.no_grad():
+        return model(
+            input_ids=ids, position_ids=meta["position_ids"], attention_mask=dense_mask(meta)
+        ).logits[0]
+
+
+@pytest.mark.parametrize("mode", ["block", "lossless"])
+def test_cached_steps_equal_a_full_recompute(mode):
+    """Every forward's logits, cached, in a batch whose rows accept different numbers of tokens,
+    equal a plain forward over the row's accepted prefix (and, for block, its masks)."""
+    model, B = tiny_model("llama", vocab_size=128), 4
+    prompts = [[5, 9, 2, 44, 7]] + random_prompts(3, seed=5)
     trace = []
-    out, _ = generate(model, prompt, "block", B, MASK, 12, trace=trace)
-    done = 0
+    (out, stats), *_ = generate(model, prompts, mode, B, MASK, 12, trace=trace, batch_size=4)
+    done, prompt = 0, prompts[0]
     for tokens, logits in trace:
         seq = prompt + out[:done]
-        n = len(seq)
-        ids = torch.tensor([seq + [MASK] * (B - 1)])
-        meta = {"doc_ids": torch.zeros_like(ids), "position_ids": torch.arange(n + B - 1)[None],
-                "limit": torch.tensor([list(range(1, n + 1)) + [n] * (B - 1)]),
-                "is_mask": torch.tensor([[False] * n + [True] * (B - 1)])}
-        with torch.no_grad():
-            full = model(input_ids=ids, position_ids=meta["position_ids"], attention_mask=dense_mask(meta)).logits
-        torch.testing.assert_close(logits, full[0, n - 1:n - 1 + len(tokens)], atol=1e-4, rtol=1e-4)
+        if mode == "block":
+            full = full_logits(model, seq, B - 1)[len(seq) - 1:len(seq) - 1 + len(tokens)]
+        else:  # the clean stream's verification of each accepted token
+            full = torch.stack(
+                [full_logits(model, seq + out[done : done + i])[-1] for i in range(len(tokens))]
+            )
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
         done += len(tokens)
-    assert done == len(out) == 12
+    assert done == len(out) == 12 and stats["forwards"] == len(trace)
 
 
 class Scripted(torch.nn.Module):
-    """A tiny real model (the KV cache fills as usual) whose logits follow a script: after position p the next
-    token is token(p + 1), with probability 0.99 from clean tokens and mask_probs[j] from mask M_j."""
+    """A tiny real model (the KV cache fills as usual) whose logits follow a script: after position
+    p the next token is token(p + 1), with probability 0.99 from clean tokens and mask_probs[j] from
+    mask M_j.
+    """
 
     def __init__(self, mask_probs, repeat_offset=None, eos_position=None, eos_id=60):
         super().__init__()
         self.inner = tiny_model("qwen3", vocab_size=64)
-        self.config, self.mask_probs, self.repeat_offset = self.inner.config, mask_probs, repeat_offset
+        self.config, self.mask_probs, self.repeat_offset = (
+            self.inner.config,
+            mask_probs,
+            repeat_offset,
+        )
         self.eos_position, self.eos_id = eos_position, eos_id
 
     def token(self, position):
         return self.eos_id if position == self.eos_position else 1 + position % 40
 
-    def forward(self, input_ids, position_ids, attention_mask, use_cache, logits_to_keep=0, **cache):
-        out = self.inner(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         use_cache=use_cache, **{cache_kwarg(self.inner): next(iter(cache.values()))})
+    def forward(
+        self, input_ids, position_ids, attention_mask, use_cache, logits_to_keep=0, **cache
+    ):
+        out = self.inner(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            **{cache_kwarg(self.inner): next(iter(cache.values()))},
+        )
         logits = torch.full_like(out.logits, 0.0)
-        j, prev = -1, None
-        for q, (tok, pos) in enumerate(zip(input_ids[0].tolist(), position_ids[0].tolist())):
-            # index of a mask in its group: groups are runs of masks at consecutive positions
-            j = (j + 1 if j >= 0 and pos == prev + 1 else 0) if tok == 63 else -1
-            prev = pos
-            target = self.token(pos + (0 if j + 1 == self.repeat_offset else 1))
-            p = 0.99 if j < 0 else self.mask_probs[j]
-            logits[0, q] = torch.log(torch.tensor((1 - p) / 63))
-            logits[0, q, target] = torch.log(torch.tensor(p))
+        for b in range(len(input_ids)):
+            j, prev = -1, None
+            for q, (tok, pos) in enumerate(zip(input_ids[b].tolist(), position_ids[b].tolist())):
+                # index of a mask in its group: groups are runs of masks at consecutive positions
+                j = (j + 1 if j >= 0 and pos == prev + 1 else 0) if tok == 63 else -1
+                prev = pos
+                target = self.token(pos + (0 if j + 1 == self.repeat_offset else 1))
+                p = 0.99 if j < 0 else self.mask_probs[j]
+                logits[b, q] = torch.log(torch.tensor((1 - p) / 63))
+                logits[b, q, target] = torch.log(torch.tensor(p))
         out.logits = logits[:, -logits_to_keep:]
         return out
 
 
 def _tpf(model, mode, threshold=0.7, max_new=12, B=4, eos=None):
     trace = []
-    out, stats = generate(model, list(range(1, 8)), mode, B, 63, max_new, eos, threshold, trace)
+    out, stats = generate(
+        model, list(range(1, 8)), mode, B, 63, max_new, eos, threshold, trace=trace
+    )
     return out, [len(t) for t, _ in trace]
 
 
@@ -110,7 +191,8 @@ def test_adaptive_honours_threshold():
 
 
 def test_adaptive_stops_at_a_repeated_token():
-    model = Scripted(mask_probs=[0.99, 0.99, 0.99], repeat_offset=2)  # offset 2 repeats offset 1's token
+    # offset 2 repeats offset 1's token
+    model = Scripted(mask_probs=[0.99, 0.99, 0.99], repeat_offset=2)
     out, per_forward = _tpf(model, "adaptive", 0.7)
     assert per_forward == [2] * 6 and all(a != b for a, b in zip(out, out[1:]))
 
@@ -128,77 +210,226 @@ def test_lossless_accepts_every_right_draft():
     model = Scripted(mask_probs=[0.99, 0.99, 0.99])
     out, per_forward = _tpf(model, "lossless", max_new=13)
     ar, _ = _tpf(model, "ar", max_new=13)
-    assert out == ar and per_forward == [1, 4, 4, 4]  # the prefill verifies one token, then B per forward
+    # the prefill verifies one token, then B per forward
+    assert out == ar and per_forward == [1, 4, 4, 4,]
 
 
 def test_generate_rejects_bad_input():
     model = tiny_model()
-    with pytest.raises(UserError, match="empty prompt"):
-        generate(model, [], "ar", 4, MASK, 5)
-    with pytest.raises(UserError, match="needs a mask token"):
-        generate(model, [1, 2], "lossless", 4, None, 5)
-    with pytest.raises(UserError, match="mode must be one of"):
-        generate(model, [1, 2], "beam", 4, MASK, 5)
+    for prompts, kwargs, message in (
+        ([], {}, "no prompts: there is nothing to decode"),
+        ([[1, 2], []], {}, "prompt 1 is empty"),
+        ([1, 2], {"mask_token_id": None, "mode": "lossless"}, "needs a mask token"),
+        ([1, 2], {"mode": "beam"}, "mode='beam': expected one of"),
+        ([1, 2], {"batch_size": 0}, "batch_size=0: must be >= 1"),
+        ([1, 2], {"max_new_tokens": 0}, "max_new_tokens=0: must be >= 1"),
+        ([1] * 500, {"max_new_tokens": 100}, "longer than the model's 512 positions"),
+    ):
+        args = dict(mode="ar", block_size=4, mask_token_id=MASK, max_new_tokens=5) | kwargs
+        with pytest.raises(UserError, match=message):
+            generate(model, prompts, **args)
 
 
-def test_extract_answer():
+def test_compiled_step_gives_the_same_tokens():
+    """compile=True: one fixed-shape step (every slot, every cache slot), compiled by inductor (gcc
+    here)."""
+    model = tiny_model("qwen3", vocab_size=128)
+    prompts = random_prompts(5, seed=2)
+    for mode in ("ar", "lossless"):
+        eager = generate(model, prompts, mode, 4, MASK, 16, eos_token_id=3, batch_size=2)
+        try:
+            compiled = generate(
+                model, prompts, mode, 4, MASK, 16, eos_token_id=3, batch_size=2, compile=True
+            )
+        except Exception as e:  # a machine without a C compiler cannot run inductor
+            pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
+        assert compiled == eager
+
+
+def test_extract_and_compare_answers():
     assert extract_answer("work\nThe answer is 1,234.") == "1,234"
     assert extract_answer("so 3 apples and 12 pears") == "12"
     assert extract_answer("#### 42", r"#### (\S+)") == "42"
     assert extract_answer("no digits") is None
+    # GSM8K's format
+    assert (
+        extract_answer("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == "72"
+    )
+    assert extract_answer("so $x = \\boxed{\\frac{14}{3}}$.") == "\\frac{14}{3}"  # nested braces
+    assert extract_answer("\\boxed{1} then \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == \
+        "\\left( 3, \\frac{\\pi}{2} \\right)"
+    for a, b in (("1,234", "1234"), ("1.0", "1"), ("$5$", "5"), ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+                 ("\\text{(C)}", "(C)"), ("90^\\circ", "90"), ("0.50", "0.5"), ("-3", "-3.0")):
+        assert normalize_answer(a) == normalize_answer(b), (a, b)
+    assert normalize_answer("12") != normalize_answer("1,2") and normalize_answer(
+        "x+1"
+    ) != normalize_answer("x-1")
+    assert same_answer("... so \\boxed{1,000}", "The answer is 1000.") == (True, True)
+    assert same_answer("... The answer is 999.", "#### 1000") == (True, False)
+    assert same_answer("anything", "no answer in here") == (False, False)
 
 
-# ---------------------------------------------------------------- the command line, on a briefly trained model
+def test_grading_real_benchmarks():
+    """GSM8K and MATH500 references ($SHARED_DATA, skipped without it) graded against themselves:
+    every reference answer is found in its own solution text."""
+    import json as _json
+    from conftest import SHARED_DATA
+    gsm, math = (os.path.join(SHARED_DATA, p) for p in ("gsm8k/test.jsonl", "math500/test.jsonl"))
+    if not (os.path.exists(gsm) and os.path.exists(math)):
+        pytest.skip("no GSM8K / MATH500 under SHARED_DATA")
+    rows = [_json.loads(line) for line in open(gsm)][:300]
+    assert all(
+        same_answer(r["answer"], "#### " + r["answer"].split("####")[1]) == (True, True)
+        for r in rows
+    )
+    rows = [_json.loads(line) for line in open(math)]
+    graded = [same_answer(r["solution"], "\\boxed{" + r["answer"] + "}") for r in rows]
+    assert sum(c for _, c in graded) >= 0.98 * len(rows)  # the few misses: answers written two ways
+
+
+# ---------------- the command line, on a briefly trained model
 
 def sample_cli(*args):
-    return subprocess.run([sys.executable, "sample.py", "--device=cpu", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, "sample.py", "--device=cpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
-def test_lossless_equals_ar_on_a_trained_model(trained_demo):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import data
-    path = os.path.join(trained_demo["out_dir"], "global_step_%d" % trained_demo["steps"], "huggingface")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    end = data.end_of_turn_id(tok)
-    accepted = []
-    for messages, _, _ in data.load_samples(trained_demo["test"])[:8]:
-        prompt = data.render_prompt(tok, messages)[1]
-        ar, _ = generate(model, prompt, "ar", 4, model.config.mask_token_id, 60, end)
-        ll, stats = generate(model, prompt, "lossless", 4, model.config.mask_token_id, 60, end)
-        assert ll == ar
-        accepted.append(stats["tokens"] / stats["forwards"])
-    assert sum(accepted) / len(accepted) > 1.3, accepted  # drafts really are accepted
+def test_batched_decoding_of_a_trained_model(trained_demo):
+    """A briefly trained model, where drafts get accepted: every mode decodes each prompt of a batch
+    as it does alone, and lossless gives ar's output in fewer forwards."""
+    import chat
+    from checkpoint import load_for_decoding
+    model, tok, _ = load_for_decoding(trained_demo["out_dir"], torch.device("cpu"))
+    conversation = chat.Chat(tok)
+    stop, mask_id = conversation.stop_ids(), model.config.mask_token_id
+    prompts = [
+        conversation.prompt_ids(m[:first])
+        for m, first, _, _ in chat.read_rows([trained_demo["test"]])[:10]
+    ]
+    results = {}
+    for mode in MODES:
+        results[mode] = generate(model, prompts, mode, 4, mask_id, 60, stop, batch_size=4)
+        assert results[mode] == [
+            generate(model, p, mode, 4, mask_id, 60, stop) for p in prompts
+        ], mode
+    assert [t for t, _ in results["lossless"]] == [t for t, _ in results["ar"]]
+    tpf = sum(s["tokens"] for _, s in results["lossless"]) / sum(
+        s["forwards"] for _, s in results["lossless"]
+    )
+    assert tpf > 1.3, tpf  # drafts really are accepted
 
 
 def test_cli_all_scenarios_with_summary_json(trained_demo, tmp_path):
-    p = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data={trained_demo['test']}", "--num_samples=4",
-                   "--max_new_tokens=40", f"--summary_json={tmp_path}/s.json", "--verbose=True")
+    p = sample_cli(
+        f"--out_dir={trained_demo['out_dir']}",
+        f"--data_files={trained_demo['test']}",
+        "--num_samples=4",
+        "--max_new_tokens=40",
+        f"--summary_json={tmp_path}/s.json",
+        "--verbose=True",
+    )
     assert p.returncode == 0, p.stderr
     summary = json.load(open(tmp_path / "s.json"))["scenarios"]
     assert set(summary) == {"ar", "tf", "block", "block_tf", "adaptive", "lossless"}
-    assert summary["lossless"]["same_as_ar"] == "4/4" and summary["lossless"]["tokens"] == summary["ar"]["tokens"]
+    assert (
+        summary["lossless"]["same_as_ar"] == "4/4"
+        and summary["lossless"]["tokens"] == summary["ar"]["tokens"]
+    )
     assert summary["ar"]["forwards"] == summary["ar"]["tokens"]
     assert "top-5" in p.stdout and "tokens/forward" in p.stdout
 
 
+def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
+    import pyarrow.parquet as pq
+    rows = pq.read_table(trained_demo["test"]).to_pylist()[:6]
+    prompts_only = write_parquet(
+        tmp_path / "prompts.parquet", [{"prompt": r["prompt"]} for r in rows]
+    )
+    outs = []
+    for batch_size in (1, 4):
+        p = sample_cli(
+            f"--out_dir={trained_demo['out_dir']}",
+            f"--data_files={prompts_only}",
+            "--num_samples=0",
+            "--scenario=ar,lossless",
+            "--max_new_tokens=40",
+            f"--batch_size={batch_size}",
+            f"--summary_json={tmp_path}/{batch_size}.json",
+        )
+        assert p.returncode == 0, p.stderr
+        outs.append(json.load(open(tmp_path / f"{batch_size}.json"))["scenarios"])
+    for summary in outs:
+        # no targets
+        assert summary["lossless"]["same_as_ar"] == "6/6" and "accuracy" not in summary["ar"]
+    for mode in ("ar", "lossless"):
+        assert outs[0][mode]["tokens"] == outs[1][mode]["tokens"] and outs[0][mode]["forwards"] == \
+            outs[1][mode]["forwards"]
+
+
+def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "sample.py",
+        "--device=cpu",
+        f"--out_dir={trained_demo['out_dir']}",
+        f"--data_files={trained_demo['test']}",
+        "--num_samples=5",
+        "--scenario=ar,block_tf,lossless",
+        "--max_new_tokens=40",
+        f"--summary_json={tmp_path}/two.json",
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("scenario  samples") == 1  # rank 0 prints the one summary
+    one = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data_files={trained_demo['test']}",
+                     "--num_samples=5", "--scenario=ar,block_tf,lossless", "--max_new_tokens=40",
+                     f"--summary_json={tmp_path}/one.json")
+    assert one.returncode == 0, one.stderr
+    two, one = (json.load(open(tmp_path / f"{n}.json"))["scenarios"] for n in ("two", "one"))
+    for name in ("ar", "block_tf", "lossless"):
+        for key in ("samples", "tokens", "forwards", "accuracy"):
+            assert two[name].get(key) == one[name].get(key), (name, key)
+    assert two["lossless"]["same_as_ar"] == "5/5"
+
+
 def test_cli_block_size_mismatch_warns_and_uses_trained(trained_demo):
-    p = sample_cli(f"--out_dir={trained_demo['out_dir']}", "--prompt=What is 123+456?", "--scenario=lossless",
-                   "--block_size=8", "--max_new_tokens=10")
+    p = sample_cli(
+        f"--out_dir={trained_demo['out_dir']}",
+        "--prompt=What is 123+456?",
+        "--scenario=lossless",
+        "--block_size=8",
+        "--max_new_tokens=10",
+    )
     assert p.returncode == 0, p.stderr
     assert "warning: block_size=8 but the model was trained with 4: using 4" in p.stdout
 
 
 def test_cli_bad_input(tmp_path, trained_demo):
     p = sample_cli(f"--out_dir={tmp_path}/none")
-    assert p.returncode == 1 and "none' not found (run train.py first" in p.stderr and p.stderr.count("\n") == 1
+    assert (
+        p.returncode == 1
+        and "none' not found (run train.py first" in p.stderr
+        and p.stderr.count("\n") == 1
+    )
     p = sample_cli(f"--ckpt={tmp_path}")
     assert p.returncode == 1 and "holds no checkpoint" in p.stderr
     bad = write_parquet(tmp_path / "bad.parquet", [{"prompt": "", "target": "x"}])
-    p = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data={bad}")
-    assert p.returncode == 1 and "bad.parquet row 0: column 'prompt' message 0 has empty content" in p.stderr
+    p = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data_files={bad}")
+    assert (
+        p.returncode == 1
+        and "bad.parquet row 0: column 'prompt' message 0 has empty content" in p.stderr
+    )
     # a plain Hugging Face model without a mask token: block scenarios refused, ar and tf still run
     from model import demo_tokenizer
     plain = tiny_model(vocab_size=128)
@@ -206,9 +437,17 @@ def test_cli_bad_input(tmp_path, trained_demo):
     demo_tokenizer().save_pretrained(tmp_path / "plain")
     plain.save_pretrained(tmp_path / "no_tokenizer")
     p = sample_cli(f"--ckpt={tmp_path}/no_tokenizer", "--prompt=What is 1+2?")
-    assert p.returncode == 1 and "no tokenizer in the model folder" in p.stderr and p.stderr.count("\n") == 1
+    assert (
+        p.returncode == 1
+        and "no tokenizer in the model folder" in p.stderr
+        and p.stderr.count("\n") == 1
+    )
     p = sample_cli(f"--ckpt={tmp_path}/plain", "--prompt=What is 1+2?", "--scenario=lossless")
     assert p.returncode == 1 and "has no mask token" in p.stderr and p.stderr.count("\n") == 1
-    p = sample_cli(f"--ckpt={tmp_path}/plain", f"--data={trained_demo['test']}", "--num_samples=2",
-                   "--max_new_tokens=5")
+    p = sample_cli(
+        f"--ckpt={tmp_path}/plain",
+        f"--data_files={trained_demo['test']}",
+        "--num_samples=2",
+        "--max_new_tokens=5",
+    )
     assert p.returncode == 0 and "running ar and tf only" in p.stdout, p.stderr
