@@ -491,16 +491,6 @@ def build_example(ids, spans, block_size, mask_token_id, layout="split", offsets
     return {k: torch.from_numpy(both[k][order]) for k in EXAMPLE_KEYS + ("last_needed",)}
 
 
-def example_length(n_clean, span_lengths, block_size, offsets):
-    """len(build_example(...)["input_ids"]) without building it: clean tokens + masks (vectorised
-    over spans)."""
-    n = np.asarray(span_lengths)
-    o = np.asarray(offsets)
-    first = np.where(o > 0, block_size - o, block_size)
-    blocks = 1 + np.where(n > first, -(-(n - first) // block_size), 0)
-    return n_clean + int((n - blocks).sum())
-
-
 # -------------------------------------------------------------------------------------------------
 # packing
 

@@ -219,6 +219,7 @@ def example(prompt, response, block_size, mask_token_id, layout="split", block_o
 # ---------------- train.py as a user runs it
 
 # tokenized data of every test run, kept apart
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DATA_CACHE = tempfile.mkdtemp(prefix="next-block-cache-")
 TINY = [
     "--device=cpu",
@@ -260,6 +261,20 @@ def train(out_dir, *args, check=True, launcher=None, env=None, train_files=None)
             f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         )
     return p
+
+
+def start(out_dir, args, launcher=None):
+    cmd = (
+        (launcher or [sys.executable]) + ["train.py"] + TINY + [f"--out_dir={out_dir}"] + list(args)
+    )
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def losses(out_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora
-from conftest import ROOT, example, losses, tiny_model, train
+from conftest import ROOT, TORCHRUN, example, losses, tiny_model, train
 from data import collate
 from mask import dense_mask
 from model import set_gate
@@ -191,7 +191,6 @@ def test_gated_lora_resumes_exactly_and_refuses_the_other_mode(tmp_path, train_f
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_gated_lora_on_two_ranks_matches_one(tmp_path, train_file, parallel):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     common = [
         "--batch_size=2",
         "--gradient_accumulation_steps=2",
@@ -201,7 +200,7 @@ def test_gated_lora_on_two_ranks_matches_one(tmp_path, train_file, parallel):
         "--lora_rank=4",
     ]
     train(tmp_path / "one", *common, train_files=train_file)
-    train(tmp_path / "two", *common, launcher=torchrun, train_files=train_file)
+    train(tmp_path / "two", *common, launcher=TORCHRUN, train_files=train_file)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert max(abs(one[s] - two[s]) for s in one) < 1e-4, (one, two)
     from safetensors.torch import load_file

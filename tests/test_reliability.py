@@ -15,10 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, losses, train
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
+from conftest import ROOT, TINY, TORCHRUN, losses, start, train
 
 def samples_per_step(out_dir):
     """{step: sample ids} from samples.jsonl (log_samples=True); the last row of a step wins."""
@@ -51,20 +48,6 @@ def processes_using(path):
         if str(path) in cmdline and not zombie:
             pids.append(int(proc.split("/")[2]))
     return pids
-
-
-def start(out_dir, args, launcher=None):
-    cmd = (
-        (launcher or [sys.executable]) + ["train.py"] + TINY + [f"--out_dir={out_dir}"] + list(args)
-    )
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
 
 
 def wait_for_rows(out_dir, n, proc, timeout=120):

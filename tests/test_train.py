@@ -5,14 +5,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, example, losses, train
+from conftest import TORCHRUN, example, losses, start, train
 
 def weights(ckpt):
     from safetensors.torch import load_file
@@ -76,7 +74,6 @@ def test_gradient_accumulation_matches_bigger_batch(tmp_path, train_file):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_one_and_resume(tmp_path, train_file, parallel):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     common = [
         "--batch_size=2",
         "--gradient_accumulation_steps=2",
@@ -84,45 +81,28 @@ def test_torchrun_two_ranks_match_one_and_resume(tmp_path, train_file, parallel)
         "--save_every=2",
     ]
     train(tmp_path / "one", "--max_steps=4", *common, train_files=train_file)
-    train(tmp_path / "two", "--max_steps=4", *common, launcher=torchrun, train_files=train_file)
+    train(tmp_path / "two", "--max_steps=4", *common, launcher=TORCHRUN, train_files=train_file)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert max(abs(one[s] - two[s]) for s in one) < 1e-4, (one, two)
     assert os.path.exists(tmp_path / "two" / "global_step_4" / "state" / "rank1.pt")
     # two ranks resume what two ranks wrote: drop the last checkpoint, run again
     shutil.rmtree(tmp_path / "two" / "global_step_4")
     os.remove(tmp_path / "two" / "metrics.jsonl")
-    p = train(tmp_path / "two", "--max_steps=4", *common, launcher=torchrun, train_files=train_file)
+    p = train(tmp_path / "two", "--max_steps=4", *common, launcher=TORCHRUN, train_files=train_file)
     assert "resumed from" in p.stdout
     again = losses(tmp_path / "two")
     assert sorted(again) == [3, 4] and max(abs(again[s] - two[s]) for s in again) < 1e-5
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, train_file):
-    cmd = (
-        [sys.executable, "train.py"]
-        + TINY
-        + [
-            f"--out_dir={tmp_path}",
-            f"--train_files={train_file}",
-            "--max_steps=100000",
-            "--batch_size=2",
-        ]
-    )
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    proc = start(tmp_path, [f"--train_files={train_file}", "--max_steps=100000", "--batch_size=2"])
     deadline = time.time() + 120
     while not os.path.exists(tmp_path / "metrics.jsonl") and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
     assert "SIGTERM: saving a checkpoint at the end of this step" in out and "saved step" in out
     saved = [d for d in os.listdir(tmp_path) if d.startswith("global_step_")]
     assert len(saved) == 1 and not saved[0].endswith(".tmp")
