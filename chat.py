@@ -3,37 +3,43 @@ chat.py: rows of data -> the token ids of one conversation and the spans the mod
 by the tokenizer's own chat template (docs/design.md, "Chat data").
 
 Two row formats, one conversation each:
-  prompt / target    prompt: a string or {role, content} messages; target: a string or messages (its
-                     assistant turns, with any tool messages between them). Only the target's
+  prompt / target    prompt: a string or {role, content} messages; target: a string or messages
+                     (its assistant turns, with any tool messages between them). Only the target's
                      assistant turns are learned.
   messages (+ tools) the whole conversation: system / user / assistant / tool messages,
                      assistant ones with tool_calls where present; an optional tools column is
                      handed to the template. Every assistant turn is learned.
 
-What is learned for an assistant turn is what the template renders for it after the generation
-prompt: its wrapper (e.g. gpt-oss's `<|channel|>final<|message|>`), the content, and the closer (the
-first special token after the content, and EOS when it follows), so the model learns to stop the way
-the family stops. The last turn's content goes in verbatim (a template that drops reasoning from
-history, as the R1 distills do, would otherwise erase what the model is meant to learn); when the
-generation prompt already opens the turn (the `<think>\\n` of the R1 distills) that opening is not
-repeated. Earlier turns are learned as the template renders them in the history the model sees at
-the last turn.
+What is learned for an assistant turn is what the template renders for it after the
+generation prompt: its wrapper (e.g. gpt-oss's `<|channel|>final<|message|>`), the content,
+and the closer (the first special token after the content, and EOS when it follows), so the
+model learns to stop the way the family stops. The last turn's content goes in verbatim (a
+template that drops reasoning from history, as the R1 distills do, would otherwise erase what
+the model is meant to learn); when the generation prompt already opens the turn (the
+`<think>\\n` of the R1 distills) that opening is not repeated. Earlier turns are learned as
+the template renders them in the history the model sees at the last turn.
 
-Text inside messages never forges special tokens: a special token's text typed into a message is
-tokenized as plain text (special_text='keep'), or the row is dropped and counted
-(special_text='drop').
+Text inside messages never forges special tokens: a special token's text
+typed into a message is tokenized as plain text (special_text='keep'),
+or the row is dropped and counted (special_text='drop').
 """
 
 import json
+import os
 import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
 
-from configurator import UserError
-from model import MASK_TOKEN
+from configurator import UserError, first_line
+from demo import demo_tokenizer
 
+MASK_TOKEN = "<|mask|>"
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model"}
 ROLES = ("system", "user", "assistant", "tool")
 # private-use characters: never in data, never changed by a template
 SENTINEL = "\ue000SENTINEL\ue000"
@@ -45,11 +51,48 @@ class TemplateError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------
+# the tokenizer
+
+def load_tokenizer(path):
+    """The tokenizer saved in a model folder, or one clear error."""
+    # transformers quietly builds an empty tokenizer for a folder without one: look for its files
+    if not TOKENIZER_FILES & set(os.listdir(path)):
+        raise UserError(f"{path}: no tokenizer in the model folder (none of "
+                        f"{', '.join(sorted(TOKENIZER_FILES))}): save the tokenizer "
+                        "beside the model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
+
+
+def add_mask_token(tokenizer):
+    """(mask token id, added?): the dedicated mask token (never EOS), added to the tokenizer unless
+    it has it already (a checkpoint of ours)."""
+    if MASK_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(MASK_TOKEN), False
+    tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)],
+                         special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(MASK_TOKEN), True
+
+
+def training_tokenizer(init_from):
+    """(tokenizer, mask token id, mask token new?) of a local model folder or 'demo'."""
+    if init_from == "demo":
+        tokenizer = demo_tokenizer()
+    else:
+        if not os.path.exists(os.path.join(init_from, "config.json")):
+            raise UserError(f"{init_from}: no config.json, not a Hugging Face model folder")
+        tokenizer = load_tokenizer(init_from)
+    return (tokenizer, *add_mask_token(tokenizer))
+
+
+# -------------------------------------------------------------------------------------------------
 # reading rows
 
 def _clean(value):
-    """Parquet gives every struct all the keys of its column (None where a row has none): drop
-    those."""
+    """Parquet gives every struct all the keys of its column
+    (None where a row has none): drop those."""
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
@@ -58,43 +101,35 @@ def _clean(value):
 
 
 def check_messages(value, where, column, allow_empty_list=False):
-    """A cell as a list of messages; a plain string becomes one user message. Raises UserError
-    naming the row."""
+    """A cell as a list of messages; a plain string becomes one user message.
+    Raises UserError naming the row."""
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, (list, tuple)) or not value:
         kind = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise UserError(
-            f"{where}: column {column!r} must be a string or a list of {{role, content}} messages, "
-            f"got {kind}"
-        )
+        raise UserError(f"{where}: column {column!r} must be a string or a list of "
+                        f"{{role, content}} messages, got {kind}")
     messages = []
     for i, m in enumerate(_clean(list(value))):
         if not isinstance(m, dict) or "role" not in m:
-            raise UserError(
-                f"{where}: column {column!r} message {i} must have 'role' and 'content'"
-            )
+            raise UserError(f"{where}: column {column!r} message {i} "
+                            "must have 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise UserError(
-                f"{where}: column {column!r} message {i} has unknown role {m['role']!r} "
-                f"(expected one of {', '.join(ROLES)})"
-            )
+            raise UserError(f"{where}: column {column!r} message {i} has unknown role "
+                            f"{m['role']!r} (expected one of {', '.join(ROLES)})")
         content = m.get("content")
         calls = m.get("tool_calls")
         if content is None and not calls:
-            raise UserError(
-                f"{where}: column {column!r} message {i} must have 'role' and 'content'"
-            )
+            raise UserError(f"{where}: column {column!r} message {i} "
+                            "must have 'role' and 'content'")
         if content is not None and not isinstance(content, str):
             raise UserError(f"{where}: column {column!r} message {i} content must be a string, "
                             f"got {type(content).__name__}")
         if not (content or "").strip() and not calls:
             raise UserError(f"{where}: column {column!r} message {i} has empty content")
         if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
-            raise UserError(
-                f"{where}: column {column!r} message {i}: tool_calls must be a list, on an "
-                "assistant message"
-            )
+            raise UserError(f"{where}: column {column!r} message {i}: tool_calls must be a "
+                            "list, on an assistant message")
         # no content key for a tool call without content (transformers >= 5.24 drops None too)
         messages.append(m)
     return messages
@@ -109,31 +144,26 @@ def _tools(value, where, column):
         except ValueError as e:
             raise UserError(f"{where}: column {column!r} is not valid JSON ({e})") from None
     if not isinstance(value, list):
-        raise UserError(
-            f"{where}: column {column!r} must be a list of tool schemas, got {type(value).__name__}"
-        )
+        raise UserError(f"{where}: column {column!r} must be a list of tool schemas, got "
+                        f"{type(value).__name__}")
     return _clean(value) or None
 
 
-def read_rows(
-    paths, prompt_key="prompt", response_key="target", messages_key="messages", tools_key="tools",
-    require_target=True
-):
+def read_rows(paths, prompt_key="prompt", response_key="target", messages_key="messages",
+              tools_key="tools", require_target=True):
     """Every row of the parquet files as (messages, first, tools, where): the conversation, the
     index of its first learned message (its assistant turns from there on are learned), tool schemas
     or None, and where it came from ("file row N"). A file with a messages_key column holds whole
     conversations; otherwise prompt_key and response_key (optional when decoding: first is then
-    len(messages), nothing to learn).
-    """
+    len(messages), nothing to learn)."""
     rows = []
     for path in paths:
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
-        rows += rows_of_table(
-            table, path, 0, prompt_key, response_key, messages_key, tools_key, require_target
-        )
+        rows += rows_of_table(table, path, 0, prompt_key, response_key, messages_key, tools_key,
+                              require_target)
     return rows
 
 
@@ -143,33 +173,28 @@ def check_columns(names, path, prompt_key, response_key, messages_key, require_t
         return [messages_key]
     for key in (prompt_key, response_key) if require_target else (prompt_key,):
         if key not in names:
-            raise UserError(
-                f"{path}: missing column {key!r} (columns: {', '.join(names)}; set prompt_key / "
-                f"response_key, or give a {messages_key!r} column)"
-            )
+            raise UserError(f"{path}: missing column {key!r} (columns: {', '.join(names)}; set "
+                            f"prompt_key / response_key, or give a {messages_key!r} column)")
     return [k for k in (prompt_key, response_key) if k in names]
 
 
-def rows_of_table(
-    table, path, row0, prompt_key, response_key, messages_key, tools_key, require_target=True
-):
-    """The rows of one parquet table (or a batch of it, its first row being row0 of the file); see
-    read_rows."""
+def rows_of_table(table, path, row0, prompt_key, response_key, messages_key, tools_key,
+                  require_target=True):
+    """The rows of one parquet table (or a batch of it, its first row being row0
+    of the file); see read_rows."""
     names = table.column_names
     check_columns(names, path, prompt_key, response_key, messages_key, require_target)
     n = table.num_rows
     tools = table.column(tools_key).to_pylist() if tools_key in names else [None] * n
     rows = []
     if messages_key in names:
-        for row, (value, tool) in enumerate(
-            zip(table.column(messages_key).to_pylist(), tools), row0
-        ):
+        for row, (value, tool) in enumerate(zip(table.column(messages_key).to_pylist(),
+                                                tools), row0):
             where = f"{path} row {row}"
             messages = check_messages(value, where, messages_key)
             if require_target and not any(m["role"] == "assistant" for m in messages):
-                raise UserError(
-                    f"{where}: column {messages_key!r} has no assistant message to learn"
-                )
+                raise UserError(f"{where}: column {messages_key!r} "
+                                "has no assistant message to learn")
             rows.append((messages, 0, _tools(tool, where, tools_key), where))
         return rows
     prompts = table.column(prompt_key).to_pylist()
@@ -195,9 +220,8 @@ def rows_of_table(
 def split_for_decoding(messages, first):
     """(prompt messages, target text or None) for sample.py: the conversation up to its last
     assistant turn, and that turn's content (the reference answer)."""
-    last = max(
-        (i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first), default=None
-    )
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first),
+               default=None)
     if last is None:
         return messages, None
     return messages[:last], messages[last].get("content") or ""
@@ -209,40 +233,27 @@ def split_for_decoding(messages, first):
 class Chat:
     """A tokenizer with its chat template and options: renders conversations and tokenizes them.
 
-    options: the keyword arguments every apply_chat_template call gets (chat_template_kwargs: e.g.
-    {"enable_thinking": True}). prompt_format: for tokenizers without a template, e.g. 'Q:
-    {prompt}\\nA: '. special_text: 'keep' (special-token text in messages stays text) or 'drop'
-    (such rows are dropped).
+    options: the keyword arguments every apply_chat_template call gets (chat_template_kwargs:
+    e.g. {"enable_thinking": True}). prompt_format: for tokenizers without a template, e.g.
+    'Q: {prompt}\\nA: '. special_text: 'keep' (special-token text in messages stays text) or
+    'drop' (such rows are dropped).
     """
 
     def __init__(self, tokenizer, options=None, prompt_format=None, special_text="keep"):
         self.tok, self.options, self.prompt_format = tokenizer, dict(options or {}), prompt_format
         self.special_text = special_text
         if prompt_format is None and not tokenizer.chat_template:
-            raise UserError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template: set prompt_format, "
-                "e.g. prompt_format = 'Question: {prompt}\\nAnswer: ' in a config file"
-            )
+            raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: set "
+                            "prompt_format, e.g. prompt_format = 'Question: {prompt}\\nAnswer: ' "
+                            "in a config file")
         added = tokenizer.added_tokens_decoder.values()
         self.specials = sorted({t for t in tokenizer.all_special_tokens if t} |
                                {t.content for t in added if t.special}, key=len, reverse=True)
-        self.added_re = (
-            re.compile(
-                "|".join(
-                    map(
-                        re.escape,
-                        sorted(
-                            {t.content for t in added} | set(self.specials), key=len, reverse=True
-                        ),
-                    )
-                )
-            )
-            if added
-            else None
-        )
-        self.special_re = (
-            re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
-        )
+        self.added_re = (re.compile("|".join(map(re.escape, sorted(
+            {t.content for t in added} | set(self.specials), key=len, reverse=True))))
+            if added else None)
+        self.special_re = (re.compile("|".join(map(re.escape, self.specials)))
+                           if self.specials else None)
         self.eos = tokenizer.eos_token
         # the special tokens that structure a conversation (roles, closers, BOS/EOS, the mask):
         # their text inside a message must not become them. Reasoning markers a tokenizer may call
@@ -253,25 +264,20 @@ class Chat:
             structural |= self._structure()
         self.guarded = sorted(set(self.specials) & structural | {MASK_TOKEN}, key=len, reverse=True)
         self.guard_re = re.compile("|".join(map(re.escape, self.guarded)))
-        self.generation, self.header = (
-            self._generation_prompt() if prompt_format is None else ("", "")
-        )
+        self.generation, self.header = (self._generation_prompt() if prompt_format is None
+                                        else ("", ""))
         if self.eos is None and prompt_format is not None:
-            raise UserError(
-                f"tokenizer {tokenizer.name_or_path!r} has no EOS token: with prompt_format the "
-                "model could not learn to stop"
-            )
+            raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: with "
+                            "prompt_format the model could not learn to stop")
 
     def _structure(self):
         """The special tokens the template writes around system and user messages, as the
         assistant's header, and as its closer; not what it opens inside the assistant's turn (a
-        `<think>` the prompt ends with).
-        """
+        `<think>` the prompt ends with)."""
         found = set()
-        for asked in (
-            [{"role": "user", "content": SENTINEL}],
-            [{"role": "system", "content": SENTINEL}, {"role": "user", "content": SENTINEL}],
-        ):
+        for asked in ([{"role": "user", "content": SENTINEL}],
+                      [{"role": "system", "content": SENTINEL},
+                       {"role": "user", "content": SENTINEL}]):
             try:
                 before, prompt = self.render(asked), self.render(asked, generation=True)
                 full = self.render(asked + [{"role": "assistant", "content": SENTINEL}])
@@ -280,9 +286,8 @@ class Chat:
             header = prompt[len(before):max(len(before), _common_prefix(prompt, full))]
             after = full.split(SENTINEL)[-1]
             closer = after[:self._closer_end(after, 0) or 0]
-            found |= (
-                set(self.special_re.findall(before + header + closer)) if self.special_re else set()
-            )
+            found |= (set(self.special_re.findall(before + header + closer)) if self.special_re
+                      else set())
         return found
 
     def _generation_prompt(self):
@@ -312,24 +317,19 @@ class Chat:
 
     def render(self, messages, tools=None, generation=False):
         """The template's text for messages (add_generation_prompt=generation). TemplateError if it
-        refuses. With prompt_format (no template) only prompts are rendered: their contents joined
-        by blank lines.
-        """
+        refuses. With prompt_format (no template) only prompts are rendered:
+        their contents joined by blank lines."""
         if self.prompt_format is not None:
             return self.prompt_format.format(
-                prompt="\n\n".join(m.get("content") or "" for m in messages)
-            )
+                prompt="\n\n".join(m.get("content") or "" for m in messages))
         kwargs = dict(self.options, tools=tools) if tools else self.options
         try:
-            return self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation, **kwargs
-            )
-        except (
-            Exception
-        ) as e:  # jinja's own errors (raise_exception, undefined fields, type errors)
-            raise TemplateError(
-                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            ) from None
+            return self.tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=generation, **kwargs)
+        except Exception as e:
+            # jinja's own errors (raise_exception, undefined fields, type errors)
+            raise TemplateError(str(e).strip().splitlines()[0] if str(e).strip()
+                                else type(e).__name__) from None
 
     def protect(self, messages, tools=None):
         """Messages (and tool schemas) with every special token's text replaced by a placeholder,
@@ -359,19 +359,12 @@ class Chat:
         pieces = [list(_pieces(text, table)) for text, table in zip(texts, tables)]
         plain = [p for row in pieces for p, _, escaped in row if not escaped]
         escaped = [p for row in pieces for p, _, escaped in row if escaped]
-        enc = (
-            self.tok(plain, add_special_tokens=False, return_offsets_mapping=offsets)
-            if plain
-            else None
-        )
-        esc = (
-            self.tok(escaped, add_special_tokens=False, split_special_tokens=True).input_ids
-            if escaped
-            else []
-        )
-        plain_ids, plain_offsets = iter(enc.input_ids if enc else []), iter(
-            enc.offset_mapping if offsets and enc else []
-        )
+        enc = (self.tok(plain, add_special_tokens=False, return_offsets_mapping=offsets)
+               if plain else None)
+        esc = (self.tok(escaped, add_special_tokens=False, split_special_tokens=True).input_ids
+               if escaped else [])
+        plain_ids, plain_offsets = (iter(enc.input_ids if enc else []),
+                                    iter(enc.offset_mapping if offsets and enc else []))
         escaped_ids, out = iter(esc), []
         for row in pieces:
             ids, starts = [], []
@@ -379,11 +372,8 @@ class Chat:
                 part = next(escaped_ids) if is_escaped else next(plain_ids)
                 ids += part
                 if offsets:
-                    starts += (
-                        [start] * len(part)
-                        if is_escaped
-                        else [start + a for a, _ in next(plain_offsets)]
-                    )
+                    starts += ([start] * len(part) if is_escaped
+                               else [start + a for a, _ in next(plain_offsets)])
             out.append((ids, starts) if offsets else ids)
         return out
 
@@ -391,9 +381,8 @@ class Chat:
         """What the model is prompted with before its next turn (sample.py): the messages rendered
         with the generation prompt."""
         if self.prompt_format is not None:
-            return self.tok(
-                self.render(messages)
-            ).input_ids  # the tokenizer adds BOS if it uses one
+            # the tokenizer adds BOS if it uses one
+            return self.tok(self.render(messages)).input_ids
         safe, safe_tools, table = self.protect(messages, tools)
         return self.tokenize([self.render(safe, safe_tools, generation=True)], [table])[0]
 
@@ -411,13 +400,9 @@ class Chat:
         template refuses gives its TemplateError instead of a result."""
         if self.prompt_format is not None:
             prompts = self.tok([self.render(m[:first]) for m, first, _ in rows]).input_ids
-            replies = self.tok(
-                [
-                    "".join(x.get("content") or "" for x in m[first:] if x["role"] == "assistant")
-                    for m, first, _ in rows
-                ],
-                add_special_tokens=False,
-            ).input_ids
+            replies = self.tok(["".join(x.get("content") or "" for x in m[first:]
+                                        if x["role"] == "assistant") for m, first, _ in rows],
+                               add_special_tokens=False).input_ids
             return [(p + r + [self.tok.eos_token_id], [(len(p), len(p) + len(r) + 1)], set())
                     for p, r in zip(prompts, replies)]
         plans, results = [], [None] * len(rows)
@@ -433,14 +418,12 @@ class Chat:
                 plans.append((i, plan))
         prompts = self.tokenize([p[0] for _, p in plans], [p[4] for _, p in plans], offsets=True)
         turns = self.tokenize([p[2] for _, p in plans], [p[4] for _, p in plans])
-        for (i, (text, spans, _, closed, _, notes)), (ids, starts), turn_ids in zip(
-            plans, prompts, turns
-        ):
+        for (i, (text, spans, _, closed, _, notes)), (ids, starts), turn_ids in \
+                zip(plans, prompts, turns):
             starts = starts + [len(text)]
             # a token belongs to the part of the text it starts in
-            token_spans = [
-                (int(np.searchsorted(starts, s)), int(np.searchsorted(starts, e))) for s, e in spans
-            ]
+            token_spans = [(int(np.searchsorted(starts, s)), int(np.searchsorted(starts, e)))
+                           for s, e in spans]
             turn_ids = turn_ids + ([] if closed else [self.tok.eos_token_id])
             token_spans.append((len(ids), len(ids) + len(turn_ids)))
             results[i] = (ids + turn_ids, [(s, e) for s, e in token_spans if e > s], notes)
@@ -465,9 +448,9 @@ class Chat:
 
     def _last_turn(self, safe, last, prompt, tools, notes):
         """(text, closed): what the model learns after the generation prompt for the last learned
-        turn, and whether it ends in a special token. The template's own rendering when it follows
-        the prompt and keeps the content (whitespace aside), else the wrapper + verbatim content +
-        closer."""
+        turn, and whether it ends in a special token. The template's own rendering when it
+        follows the prompt and keeps the content (whitespace aside), else the wrapper + verbatim
+        content + closer."""
         message, content = safe[last], safe[last].get("content") or ""
         if prompt.rstrip().endswith("</think>") and content.lstrip().startswith("<think>"):
             notes.add("closed_think")
@@ -476,13 +459,8 @@ class Chat:
         if SENTINEL not in probe:
             raise TemplateError("the template does not render the assistant's turn")
         start, end = _changed(full, probe)
-        turn = full[
-            (
-                len(prompt) - len(self.generation)
-                if prompt.endswith(self.generation)
-                else len(prompt)
-            ) : end
-        ]
+        turn = full[(len(prompt) - len(self.generation) if prompt.endswith(self.generation)
+                     else len(prompt)):end]
         if full.startswith(prompt) and _squash(content) in _squash(turn):
             closer = self._closer_end(full, end)  # the template's own turn: kept, whitespace aside
             return full[len(prompt):closer or len(full[:end].rstrip())], closer is not None
@@ -496,16 +474,15 @@ class Chat:
             text = (before[at + len(self.header):] if at >= 0 else "") + content
         else:  # a tool call only: the template's rendering of it, after the header
             at = full.rfind(self.header, 0, start) if self.header else -1
-            text, after = (
-                full[at + len(self.header) if at >= 0 else _common_prefix(prompt, full) : end],
-                full[end:],
-            )
+            text, after = (full[at + len(self.header) if at >= 0
+                                else _common_prefix(prompt, full):end],
+                           full[end:])
         if opened and text.startswith(opened):
             text = text[len(opened):]
         elif opened and content.startswith(opened):
             # the prompt opens the turn its own way (DeepSeek V3.1's thinking mode opens <think>
             # where a rendered turn has </think>)
-            text = content[len(opened) :]
+            text = content[len(opened):]
         elif opened and _squash(text.replace("\r\n", "\n")).startswith(_squash(opened)):
             notes.add("near_miss")
         elif opened and "closed_think" not in notes:
@@ -525,8 +502,8 @@ class Chat:
 
     def _locate(self, safe, i, prompt, tools):
         """[start, end) of message i's content (or first tool call's arguments) in the last turn's
-        prompt, found by rendering the history with a sentinel there; None when the template shows
-        neither."""
+        prompt, found by rendering the history with a sentinel there; None when the template
+        shows neither."""
         probe = self.render(safe[:i] + [self._sentinel(safe[i])] + safe[i + 1:len(safe) - 1], tools,
                             generation=True)
         return _changed(prompt, probe) if SENTINEL in probe else None
@@ -548,17 +525,15 @@ class Chat:
             start = at + len(self.header) if at >= 0 else found[0]
         else:  # after the message before, its closer, and what the generation prompt would write
             previous = self._closer_end(prompt, previous_end) if before else 0
-            start = max(
-                previous or 0, _common_prefix(prompt, self.render(safe[:j], tools, generation=True))
-            )
+            start = max(previous or 0,
+                        _common_prefix(prompt, self.render(safe[:j], tools, generation=True)))
         return min(start, found[0]), closer
 
     def _closer_end(self, text, at):
         """Where a turn's closer ends in text, its content ending at `at`: after the first special
         token, and after EOS too when only whitespace lies between them (Command-R's
         `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, Apriel's `\\n<|end|>\\n</s>`). None when no special
-        token follows (a template closing with text).
-        """
+        token follows (a template closing with text)."""
         match = self.special_re.search(text, at) if self.special_re else None
         if match is None:
             return None
@@ -574,9 +549,8 @@ class Chat:
         stops = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
         if self.prompt_format is None:
             try:
-                probe = self.render(
-                    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
-                )
+                probe = self.render([{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": SENTINEL}])
             except TemplateError:
                 return stops
             after = probe.split(SENTINEL, 1)[1] if SENTINEL in probe else ""
@@ -588,20 +562,19 @@ class Chat:
 
 NOTES = {  # what a row's notes mean, said once at start-up with a count and the first row
     "special_text": "special-token text inside messages (e.g. '<|im_end|>' typed into a prompt) "
-    "kept as plain text",
+                    "kept as plain text",
     "no_closer": "the template closes turns with plain text: EOS is appended so that the model "
-    "learns to stop",
+                 "learns to stop",
     "near_miss": "the target almost repeats what the generation prompt opened (e.g. ' <think>' or "
-    "'<think>\\r\\n' after a prompt ending '<think>\\n'): kept whole, so the think block opens "
-    "twice",
+                 "'<think>\\r\\n' after a prompt ending '<think>\\n'): kept whole, so the think "
+                 "block opens twice",
     "closed_think": "the generation prompt closes the think block ('</think>') yet the target "
-    "starts with <think>: set chat_template_kwargs (e.g. {'thinking': True} or "
-    "{'enable_thinking': True})",
+                    "starts with <think>: set chat_template_kwargs (e.g. {'thinking': True} or "
+                    "{'enable_thinking': True})",
     "not_after_prompt": "the template renders this turn differently from its generation prompt: "
-    "kept as the target says, after the prompt",
+                        "kept as the target says, after the prompt",
     "history_not_found": "an earlier assistant turn could not be found in the rendered history: "
-    "trained as context only",
-}
+                         "trained as context only"}
 
 
 def _strings(messages):
@@ -633,8 +606,8 @@ def _common_prefix(a, b):
 
 
 def _changed(text, probe):
-    """[start, end) of the part of text that differs from probe (where the sentinel stands in
-    probe)."""
+    """[start, end) of the part of text that differs from probe
+    (where the sentinel stands in probe)."""
     start = _common_prefix(text, probe)
     end = len(text) - _common_prefix(text[start:][::-1], probe[start:][::-1])
     return start, max(start, end)

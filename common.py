@@ -1,6 +1,7 @@
 """
 What every entry script needs to run (nanochat's common.py): this process's rank and device, the
-dtype, printing on rank 0, and the few collectives the scripts share.
+dtype, printing on rank 0, the few collectives the scripts share, progress for long work, and small
+helpers (a file's crc32, rounding up to a multiple, a batch to the device).
 
     rank, local_rank, world, device = compute_init("auto")  # torchrun's variables, or rank 0 of 1
     print0("only rank 0 prints this")
@@ -12,9 +13,11 @@ import os
 import sys
 import threading
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from configurator import UserError
 
@@ -40,12 +43,11 @@ def resolve_device(device):
 
 
 def resolve_dtype(dtype, device):
-    """'auto' -> bfloat16 on a CUDA GPU that supports it, float32 elsewhere; returns a torch
-    dtype."""
+    """'auto' -> bfloat16 on a CUDA GPU that supports it,
+    float32 elsewhere; returns a torch dtype."""
     if dtype == "auto":
-        dtype = (
-            "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        )
+        dtype = ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                 else "float32")
     return getattr(torch, dtype)
 
 
@@ -64,8 +66,17 @@ def compute_init(device="auto"):
 
 
 def compute_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; under torchrun, end the process here with os._exit(0). gloo's worker
+    threads can still hold work objects while the interpreter tears itself down, which aborts a
+    finished job at random ("terminate called without an active exception", pytorch/pytorch#179291):
+    so the caller closes its files, W&B and progress bars first, and the teardown is skipped."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _exit_with_launcher():
@@ -78,11 +89,8 @@ def _exit_with_launcher():
     def watch():
         while os.getppid() == parent:
             time.sleep(1)
-        print(
-            f"rank {dist_info()[0]}: the launcher (pid {parent}) is gone; stopping",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"rank {dist_info()[0]}: the launcher (pid {parent}) is gone; stopping",
+              file=sys.stderr, flush=True)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
@@ -96,8 +104,8 @@ def all_sum(t):
 
 
 def all_true(flag, device):
-    """True on every rank iff flag is True on every rank: ranks agree before anyone acts on a
-    failure."""
+    """True on every rank iff flag is True on every rank:
+    ranks agree before anyone acts on a failure."""
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     return all_sum(t).item() == 0
 
@@ -105,3 +113,62 @@ def all_true(flag, device):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order ([obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# small helpers
+
+def ceil_to(x, multiple):
+    """x rounded up to a multiple of multiple."""
+    return -(-x // multiple) * multiple
+
+
+def file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def to_device(batch, device):
+    """The tensors of a collated batch, on device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if isinstance(v, torch.Tensor)}
+
+
+class Progress:
+    """Long work made visible: a tqdm bar on a terminal; off one (a log file, a cluster job), a
+    plain line every `every` seconds, so that logs stay readable; nothing when not enabled."""
+
+    def __init__(self, total, what, unit, every=30.0, enabled=True):
+        self.total, self.what, self.unit, self.every = total, what, unit, every
+        self.done, self.t0, self.last = 0, time.time(), time.time()
+        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", dynamic_ncols=True,
+                        disable=not (enabled and sys.stderr.isatty()))
+        self.lines = enabled and self.bar.disable
+
+    def update(self, n, note=""):
+        self.done += n
+        self.bar.update(n)
+        if note:
+            self.bar.set_postfix_str(note, refresh=False)
+        if self.lines and time.time() - self.last >= self.every:
+            self.last, elapsed = time.time(), time.time() - self.t0
+            eta = (f", ETA {elapsed * (self.total - self.done) / self.done:.0f} s"
+                   if self.total and self.done else "")
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.what}: {self.done}{of} {self.unit}{', ' + note if note else ''} "
+                  f"({elapsed:.0f} s{eta})", flush=True)
+
+    def close(self):
+        self.bar.close()

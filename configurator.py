@@ -10,8 +10,8 @@ globals (plain assignments, helper names start with '_'); each --key=value overr
 value is read with ast.literal_eval and checked against the default's type, the same way for config
 files and the command line:
   - split on the first '=' only (--prompt_format=Q={prompt} keeps 'Q={prompt}')
-  - an int may stand for a float (--learning_rate=1 gives 1.0); True/False (or true/false) parse as
-    bools
+  - an int may stand for a float (--learning_rate=1 gives 1.0); True/False (or true/false)
+    parse as bools
   - a key whose default is None takes any value; a str key keeps the text as written
     (--out_dir=007), or takes None (--val_files=None) or a list (several paths)
   - an unknown key fails with the closest valid names; a type mismatch names the key, the expected
@@ -33,19 +33,28 @@ CONFIG_TYPES = (int, float, bool, str, type(None), list, tuple, dict)
 
 
 class UserError(ValueError):
-    """A mistake in the user's input (config, data, paths): printed as one line, never as a
-    traceback."""
+    """A mistake in the user's input (config, data, paths):
+    printed as one line, never as a traceback."""
+
+
+def first_line(error):
+    """An exception's message, its first line only (or its type when it has none):
+    for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _print_user_errors(kind, value, tb):
-    if issubclass(kind, UserError):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {value}", file=sys.stderr, flush=True)
-    elif issubclass(kind, KeyboardInterrupt):
+    if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)  # the shell's code for Ctrl-C, without the interpreter's shutdown noise
-    else:
+    if not issubclass(kind, UserError):
         sys.__excepthook__(kind, value, tb)
+    elif int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {value}", file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a torchrun worker: no teardown (compute_cleanup)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def config_keys(g):
@@ -63,15 +72,13 @@ def _unknown_key(key, keys):
 
 
 def _hint(key, keys):
-    return (
-        closest(key, keys)
-        or f" (no key is close: the keys are the config block of {os.path.basename(sys.argv[0])})"
-    )
+    return closest(key, keys) or (f" (no key is close: the keys are the config block of "
+                                  f"{os.path.basename(sys.argv[0])})")
 
 
 def check_type(key, value, default, where):
-    """value as the key's type (an int becomes a float for a float key), or a UserError naming
-    where."""
+    """value as the key's type (an int becomes a float for a float key),
+    or a UserError naming where."""
     if default is None or value is None and isinstance(default, str):
         return value
     if isinstance(default, bool):
@@ -89,9 +96,8 @@ def check_type(key, value, default, where):
         value = value if isinstance(value, (list, tuple, dict)) else (value,)
         ok = isinstance(value, (list, tuple))
     if not ok:
-        raise UserError(
-            f"{where}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})"
-        )
+        raise UserError(f"{where}: expected {type(default).__name__}, got {value!r} "
+                        f"({type(value).__name__})")
     return value
 
 
@@ -119,24 +125,21 @@ def _run_config_file(path, g, keys):
     except OSError as e:
         raise UserError(f"config file {path!r}: {e.strerror}") from None
     except Exception as e:  # a NameError, a ZeroDivisionError, ... in the file's own code
-        line = next(
-            (f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path), "?"
-        )
+        line = next((f.lineno for f in traceback.extract_tb(e.__traceback__)
+                     if f.filename == path), "?")
         raise UserError(f"{path} line {line}: {type(e).__name__}: {e}") from None
     for name in [k for k in g if k not in before and not k.startswith("_")]:
         if isinstance(g[name], CONFIG_TYPES) and name not in keys:
-            raise UserError(
-                f"{path} sets unknown key {name!r}{_hint(name, keys)}; helper variables in config "
-                "files start with '_'"
-            )
+            raise UserError(f"{path} sets unknown key {name!r}{_hint(name, keys)}; helper "
+                            "variables in config files start with '_'")
     for key in keys:
         if g[key] is not before[key]:
             g[key] = check_type(key, g[key], before[key], f"{path}: {key}")
 
 
 def configure(g, argv=None):
-    """Apply config files and --key=value overrides (argv, default sys.argv[1:]) to the globals dict
-    g. Returns the config: {key: value}."""
+    """Apply config files and --key=value overrides (argv, default sys.argv[1:]) to the
+    globals dict g. Returns the config: {key: value}."""
     sys.excepthook = _print_user_errors
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(g)
@@ -144,9 +147,8 @@ def configure(g, argv=None):
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
-                raise UserError(
-                    f"config file {arg!r} not found (arguments are config files or --key=value)"
-                )
+                raise UserError(f"config file {arg!r} not found (arguments are config files "
+                                "or --key=value)")
             if master:
                 print(f"config: {arg}")
             _run_config_file(arg, g, keys)
@@ -185,22 +187,49 @@ def between(key, value, low, high):
     return value
 
 
-def script_defaults(path):
-    """The config block of an entry script (its top-level literal assignments), without running it:
-    what data.py reads from train.py so that the same config files and overrides work for both."""
-    defaults = {}
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    for node in tree.body:
-        if (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-        ):
-            try:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                continue
-    return {
-        k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)
-    }
+def check_train(c, world):
+    """Every setting of train.py (c: its config), checked before anything slow happens."""
+    one_of("resume", c["resume"], ("auto", "disable"))
+    one_of("layout", c["layout"], ("split", "interleaved"))
+    one_of("dtype", c["dtype"], ("auto", "float32", "bfloat16"))
+    one_of("device", c["device"].split(":")[0], ("auto", "cpu", "cuda"))
+    one_of("attention", c["attention"], ("auto", "flex", "sdpa"))
+    one_of("parallel", c["parallel"], ("fsdp", "ddp"))
+    one_of("special_text", c["special_text"], ("keep", "drop"))
+    one_of("finetune", c["finetune"], ("full", "gated_lora"))
+    at_least("lora_rank", c["lora_rank"], 1)
+    between("lora_alpha", c["lora_alpha"], 1e-6, 1e6)
+    for key in ("save_every", "keep_last", "eval_every", "max_steps", "mask_loss_weight",
+                "weight_decay", "grad_clip", "min_lr", "seed", "batch_tokens", "data_workers"):
+        at_least(key, c[key], 0)
+    for key in ("log_every", "batch_size", "gradient_accumulation_steps", "epochs", "n_layer",
+                "n_embd", "n_head", "max_nonfinite"):
+        at_least(key, c[key], 1)
+    at_least("max_length", c["max_length"], 2)
+    between("block_size", c["block_size"], 1, c["max_length"] - 1)
+    between("warmup_ratio", c["warmup_ratio"], 0.0, 1.0)
+    if not c["learning_rate"] > 0:
+        raise UserError(f"learning_rate={c['learning_rate']!r}: must be > 0")
+    between("min_lr", c["min_lr"], 0.0, c["learning_rate"])
+    if c["block_offset"] != "random":
+        try:
+            offset = int(c["block_offset"])
+        except ValueError:
+            raise UserError(f"block_offset={c['block_offset']!r}: expected 'random' or an "
+                            "int") from None
+        between("block_offset", offset, 0, c["block_size"] - 1)
+    if c["gradient_accumulation_steps"] % world:
+        raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be "
+                        f"divisible by the {world} ranks (it counts micro-batches over all ranks)")
+    if c["init_from"] == "demo" and (c["n_embd"] % c["n_head"] or (c["n_embd"] // c["n_head"]) % 2):
+        raise UserError(f"n_embd={c['n_embd']} / n_head={c['n_head']}: the head size must be an "
+                        "even whole number (RoPE)")
+    if c["init_from"] != "demo" and not os.path.isdir(c["init_from"]):
+        raise UserError(f"init_from={c['init_from']!r} is not a folder (a local Hugging Face "
+                        "model, or 'demo'; nothing is downloaded)")
+    if c["prompt_format"] is not None and "{prompt}" not in str(c["prompt_format"]):
+        raise UserError(f"prompt_format={c['prompt_format']!r}: expected a str with a {{prompt}} "
+                        "field")
+    if c["batch_tokens"] and c["batch_tokens"] < c["block_size"] + 1:
+        raise UserError(f"batch_tokens={c['batch_tokens']}: a micro-batch must hold a prompt and a "
+                        "block")

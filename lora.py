@@ -1,6 +1,6 @@
 """
-lora.py: gated LoRA, speed adapters that leave the model exactly as it was (docs/design.md, "Gated
-LoRA").
+lora.py: gated LoRA, speed adapters that leave the model exactly as it was (docs/design.md,
+"Gated LoRA").
 
 Every target linear layer gets y = W x + g * (B A x) * alpha / rank, where g is 1 at mask positions
 and 0 at clean ones (taken from the batch's is_mask for that forward), and the mask token's input
@@ -9,11 +9,11 @@ tokens never attend to mask tokens, so with the adapters gated off at clean posi
 stream is the base model, bit for bit: `ar` decoding gives the base model's greedy output, and
 `lossless` gives it too, in fewer forwards.
 
-The adapters hang on the base modules (forward hooks; their weights are submodules named lora_A,
-lora_B), so the base weights keep their names: a checkpoint's huggingface/ folder holds the base
-model unchanged, which AutoModelForCausalLM loads as the plain base model, plus
-next_block_adapter.safetensors and, in config.json, next_block_adapter = {file, rank, alpha,
-targets}.
+The adapters hang on the base modules (forward hooks; their weights are submodules
+named lora_A, lora_B), so the base weights keep their names: a checkpoint's
+huggingface/ folder holds the base model unchanged, which AutoModelForCausalLM loads as
+the plain base model, plus next_block_adapter.safetensors and, in config.json,
+next_block_adapter = {file, rank, alpha, targets}.
 """
 
 import math
@@ -31,8 +31,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class Gate:
-    """Where the adapters are on: is_mask [batch, tokens] of the forward being run (None: off
-    everywhere)."""
+    """Where the adapters are on: is_mask [batch, tokens] of the forward
+    being run (None: off everywhere)."""
     mask = None
 
 
@@ -50,9 +50,8 @@ def _gated_embedding(gate, model):
     def hook(module, args, output):
         if gate.mask is None:
             return output
-        return torch.where(
-            gate.mask[..., None], output + model.next_block_mask_offset.to(output.dtype), output
-        )
+        return torch.where(gate.mask[..., None],
+                           output + model.next_block_mask_offset.to(output.dtype), output)
 
     return hook
 
@@ -69,38 +68,25 @@ def add_adapters(model, rank, alpha, targets=DEFAULT_TARGETS):
     for layer in decoder_layers(model):
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
-                module.lora_A = nn.Linear(
-                    module.in_features, rank, bias=False, dtype=module.weight.dtype,
-                    device=module.weight.device
-                )
-                module.lora_B = nn.Linear(
-                    rank, module.out_features, bias=False, dtype=module.weight.dtype,
-                    device=module.weight.device
-                )
+                module.lora_A = nn.Linear(module.in_features, rank, bias=False,
+                                          dtype=module.weight.dtype, device=module.weight.device)
+                module.lora_B = nn.Linear(rank, module.out_features, bias=False,
+                                          dtype=module.weight.dtype, device=module.weight.device)
                 nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
                 nn.init.zeros_(module.lora_B.weight)
                 module.register_forward_hook(_gated(gate, scale))
                 adapted += 1
     if not adapted:
-        raise UserError(
-            f"lora_targets={','.join(targets)!r}: no linear layer of the decoder layers has one of "
-            f"these names (Llama/Qwen use {','.join(DEFAULT_TARGETS)})"
-        )
+        raise UserError(f"lora_targets={','.join(targets)!r}: no linear layer of the decoder "
+                        "layers has one of these names (Llama/Qwen use "
+                        f"{','.join(DEFAULT_TARGETS)})")
     embeddings = model.get_input_embeddings()
-    model.next_block_mask_offset = nn.Parameter(
-        torch.zeros(
-            embeddings.weight.shape[1],
-            dtype=embeddings.weight.dtype,
-            device=embeddings.weight.device,
-        )
-    )
+    model.next_block_mask_offset = nn.Parameter(torch.zeros(embeddings.weight.shape[1],
+                                                            dtype=embeddings.weight.dtype,
+                                                            device=embeddings.weight.device))
     embeddings.register_forward_hook(_gated_embedding(gate, model))
-    model.config.next_block_adapter = {
-        "file": ADAPTER_FILE,
-        "rank": rank,
-        "alpha": alpha,
-        "targets": list(targets),
-    }
+    model.config.next_block_adapter = {"file": ADAPTER_FILE, "rank": rank, "alpha": alpha,
+                                       "targets": list(targets)}
     return adapted
 
 
@@ -126,13 +112,11 @@ def load_adapter(model, folder):
         return False
     path = os.path.join(folder, settings["file"])
     if not os.path.exists(path):
-        raise UserError(
-            f"{folder}: config.json names an adapter, but {settings['file']} is not there"
-        )
+        raise UserError(f"{folder}: config.json names an adapter, but {settings['file']} "
+                        "is not there")
     add_adapters(model, settings["rank"], settings["alpha"], settings["targets"])
     missing, unexpected = model.load_state_dict(
-        load_file(path, device=str(next(model.parameters()).device)), strict=False
-    )
+        load_file(path, device=str(next(model.parameters()).device)), strict=False)
     if unexpected or [k for k in missing if is_adapter_key(k)]:
         raise UserError(f"{path}: does not fit this model (unexpected {unexpected[:2]}, missing "
                         f"{[k for k in missing if is_adapter_key(k)][:2]})")

@@ -14,9 +14,7 @@ The rule, for query q and key k of one row:
 
 dense_mask renders it as a bool tensor [batch, 1, Q, L] (True = may attend) for SDPA on CPU and for
 decoding steps; block_mask renders it as a FlexAttention BlockMask for training on CUDA. Both
-evaluate the same mask_mod.
-
-    python mask.py          # draws the rule for one small sample, in both layouts
+evaluate the same mask_mod. `python data.py` draws the rule for one small sample, in both layouts.
 """
 
 import torch
@@ -43,12 +41,9 @@ def make_mask_mod(doc_ids, position_ids, limit, is_mask, queries=None):
     def mask_mod(b, h, q_idx, kv_idx):
         same_doc = q_doc[b, q_idx] == doc_ids[b, kv_idx]
         sees_clean = ~is_mask[b, kv_idx] & (position_ids[b, kv_idx] < q_limit[b, q_idx])
-        same_group = (
-            q_mask[b, q_idx]
-            & is_mask[b, kv_idx]
-            & (limit[b, kv_idx] == q_limit[b, q_idx])
-            & (position_ids[b, kv_idx] <= q_pos[b, q_idx])
-        )
+        same_group = (q_mask[b, q_idx] & is_mask[b, kv_idx]
+                      & (limit[b, kv_idx] == q_limit[b, q_idx])
+                      & (position_ids[b, kv_idx] <= q_pos[b, q_idx]))
         itself = (q_idx if q_slot is None else q_slot[b, q_idx]) == kv_idx
         return (same_doc & (sees_clean | same_group)) | itself
 
@@ -72,12 +67,8 @@ def dense_mask(batch, num_queries=None, queries=None):
     b, L = batch["doc_ids"].shape
     device = batch["doc_ids"].device
     if queries is not None:
-        mod, Q = (
-            make_mask_mod(
-                batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"], queries
-            ),
-            queries[0].shape[1],
-        )
+        keys = batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"]
+        mod, Q = make_mask_mod(*keys, queries), queries[0].shape[1]
     else:
         mod, Q = _mod(batch, num_queries), L if num_queries is None else num_queries
     idx_b = torch.arange(b, device=device)[:, None, None, None]
@@ -94,10 +85,8 @@ def block_mask(batch, num_queries=None):
     b, L = batch["doc_ids"].shape
     Q = L if num_queries is None else num_queries
     device = batch["doc_ids"].device
-    return create_block_mask(
-        _mod(batch, num_queries), B=b, H=None, Q_LEN=Q, KV_LEN=L, device=device,
-        _compile=device.type == "cuda"
-    )
+    return create_block_mask(_mod(batch, num_queries), B=b, H=None, Q_LEN=Q, KV_LEN=L,
+                             device=device, _compile=device.type == "cuda")
 
 
 def draw(batch, names, row=0):
@@ -107,29 +96,6 @@ def draw(batch, names, row=0):
     width = max(len(n) for n in names) + 1
     lines = [" " * width + "".join(n.rjust(width) for n in names)]
     for q, name in enumerate(names):
-        lines.append(
-            name.rjust(width)
-            + "".join(("#" if a else ".").rjust(width) for a in allowed[q].tolist())
-        )
+        marks = "".join(("#" if a else ".").rjust(width) for a in allowed[q].tolist())
+        lines.append(name.rjust(width) + marks)
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from data import build_example, collate
-    P, n, B = 3, 6, 3
-    print(
-        f"One sample: prompt p0..p{P - 1}, response r0..r{n - 1}, block_size {B}, block offset 0: "
-        "blocks r0-r2 and r3-r5.\nMask mK stands at the position of r(K-1) and predicts rK, seeing "
-        "the clean tokens before its block\nand the masks of its block before it. "
-        "Row = query, column = key, # = may attend.\n"
-    )
-    for layout in ("split", "interleaved"):
-        ex = build_example(list(range(P + n)), [(P, P + n)], B, -1, layout)
-        batch = collate([ex], len(ex["input_ids"]))
-        pos, masked = batch["position_ids"][0].tolist(), batch["is_mask"][0].tolist()
-        names = [
-            f"m{p - P + 1}" if m else (f"p{p}" if p < P else f"r{p - P}")
-            for p, m in zip(pos, masked)
-        ]
-        print(f"layout {layout!r}:")
-        print(draw(batch, names), end="\n\n")

@@ -1,103 +1,47 @@
 """
 model.py: the model side of next-block training, for any Hugging Face causal LM.
 
-  training_tokenizer  the tokenizer of an HF folder (init_from=PATH) or the demo's, with the mask
-                      token added
-  load_model          the model of that folder (or the tiny demo model), the mask token's embedding
-                      row ready, the attention backend chosen
-  add_mask_token      a dedicated <|mask|> token; init_mask_row: spare rows reused, never shrunk,
-                      mean-initialised
-  attention_mask      a batch's rule (mask.py) as the backend wants it: BlockMask (flex) or dense
-                      bool (sdpa)
-  forward_losses      per-token cross-entropy and argmax at supervised positions, logits in chunks
-  parallelize         DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied
-                      embeddings)
-  peak_flops          what MFU is measured against
-(The checkpoint format, HF export included, is checkpoint.py's.)
+  load_model       a local Hugging Face folder's model (or the tiny demo model), the mask token's
+                   embedding row ready, the attention backend chosen
+  forward_losses   per-token cross-entropy and argmax at supervised positions, logits in chunks;
+                   block_metrics scores the argmax per block offset (acc@k, tpf_tf)
+  parallelize      DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied
+                   embeddings)
+  peak_flops       what MFU is measured against
+(The tokenizer and the mask token are chat.py's; the checkpoint format is checkpoint.py's.)
 """
 
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from configurator import UserError, one_of
+from common import all_true
+from configurator import UserError, first_line, one_of
+from demo import demo_config
 from mask import block_mask, dense_mask
 
-MASK_TOKEN = "<|mask|>"
-TOKENIZER_FILES = {
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-    "spiece.model"
-}
 hf_logging.disable_progress_bar()  # loading and saving tiny models should not draw progress bars
-
-
-# -------------------------------------------------------------------------------------------------
-# the demo model and tokenizer (built from code: no download)
-
-DEMO_SPECIAL = [
-    "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"
-]
-# Phi-3 style turns; the generation prompt opens a <think> block, as the R1 distills' does
-DEMO_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}"
-)
-
-
-def demo_tokenizer():
-    """A character-level PreTrainedTokenizerFast: printable ASCII and newline, one token each, plus
-    special tokens for the chat turns and the think block. Its generation prompt ends with
-    `<think>\\n`."""
-    chars = ["<|unk|>", "\n"] + [chr(c) for c in range(32, 127)]
-    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<|unk|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", additional_special_tokens=DEMO_SPECIAL[1:],
-        chat_template=DEMO_CHAT_TEMPLATE, model_max_length=1 << 30
-    )
-
-
-def demo_config(vocab_size=128, hidden_size=128, num_layers=4, num_heads=4, **overrides):
-    """A tiny Qwen3 (RMSNorm, RoPE, GQA, tied embeddings): the same code paths as the real ones."""
-    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                  num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
-                  max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0)
-    kwargs.update(overrides)
-    return Qwen3Config(**kwargs)
 
 
 # -------------------------------------------------------------------------------------------------
 # loading
 
-def attention_backend(attention, device):
+def attention_backend(attention, device, training=False):
     """'flex_attention' (BlockMask) on CUDA, 'sdpa' (dense bool mask) elsewhere;
-    attention='flex'|'sdpa' forces."""
+    attention='flex'|'sdpa' forces one. FlexAttention has no backward on CPU: training refuses it
+    there."""
     one_of("attention", attention, ("auto", "flex", "sdpa"))
-    if attention == "auto":
-        attention = "flex" if torch.device(device).type == "cuda" else "sdpa"
-    return "flex_attention" if attention == "flex" else "sdpa"
-
-
-def add_mask_token(tokenizer):
-    """(mask token id, added?): the dedicated mask token (never EOS), added to the tokenizer unless
-    it has it already (a checkpoint of ours)."""
-    if MASK_TOKEN in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(MASK_TOKEN), False
-    tokenizer.add_tokens(
-        [AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True
-    )
-    return tokenizer.convert_tokens_to_ids(MASK_TOKEN), True
+    cuda = torch.device(device).type == "cuda"
+    if attention == "flex" and training and not cuda:
+        raise UserError("attention='flex' needs CUDA: FlexAttention has no backward on CPU (use "
+                        "attention='sdpa')")
+    return "flex_attention" if attention == "flex" or attention == "auto" and cuda else "sdpa"
 
 
 def init_mask_row(model, mask_id):
@@ -111,37 +55,14 @@ def init_mask_row(model, mask_id):
             weight[mask_id] = weight[:mask_id].float().mean(0).to(weight.dtype)
 
 
-def load_tokenizer(path):
-    """The tokenizer saved in a model folder, or one clear error."""
-    # transformers quietly builds an empty tokenizer for a folder without one: look for its files
-    # first
-    if not TOKENIZER_FILES & set(os.listdir(path)):
-        raise UserError(
-            f"{path}: no tokenizer in the model folder (none of "
-            f"{', '.join(sorted(TOKENIZER_FILES))})"
-            ": save the tokenizer beside the model"
-        )
+def from_pretrained(folder, attention="sdpa"):
+    """AutoModelForCausalLM.from_pretrained in fp32, or one line saying why it cannot load (no
+    weights, damaged weights, an unknown model type)."""
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-
-
-def training_tokenizer(init_from):
-    """(tokenizer, mask token id, mask token new?) of a local HF folder or 'demo', the mask token
-    added."""
-    if init_from == "demo":
-        tokenizer = demo_tokenizer()
-    else:
-        if not os.path.isdir(init_from):
-            raise UserError(
-                f"init_from={init_from!r} is not a folder (a local Hugging Face model, or 'demo'; "
-                "nothing is downloaded)"
-            )
-        if not os.path.exists(os.path.join(init_from, "config.json")):
-            raise UserError(f"{init_from}: no config.json, not a Hugging Face model folder")
-        tokenizer = load_tokenizer(init_from)
-    return (tokenizer, *add_mask_token(tokenizer))
+        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention,
+                                                    dtype=torch.float32)
+    except Exception as e:  # safetensors' own error class included: the reason, in one line
+        raise UserError(f"{folder}: cannot load the model ({first_line(e)})") from None
 
 
 def load_model(init_from, mask_id, new_mask, device="cpu", attention="auto", demo_overrides=None):
@@ -152,13 +73,7 @@ def load_model(init_from, mask_id, new_mask, device="cpu", attention="auto", dem
         model = AutoModelForCausalLM.from_config(demo_config(**(demo_overrides or {})),
                                                  attn_implementation=backend, dtype=torch.float32)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=backend,
-                                                         dtype=torch.float32)
-        except (OSError, ValueError) as e:  # e.g. a folder with config.json but no weights
-            raise UserError(
-                f"{init_from}: cannot load the model ({str(e).strip().splitlines()[0]})"
-            ) from None
+        model = from_pretrained(init_from, backend)
     if new_mask:
         init_mask_row(model, mask_id)
     model.config.mask_token_id = mask_id
@@ -215,16 +130,50 @@ def forward_losses(model, batch, chunk_tokens=None):
     losses, preds = [], []
     for i in range(0, len(labels), chunk):
         args = (hidden[i:i + chunk], weight, labels[i:i + chunk])
-        loss, pred = checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() \
-            else _ce_chunk(*args)
+        grad = torch.is_grad_enabled()
+        loss, pred = checkpoint(_ce_chunk, *args, use_reentrant=False) if grad else _ce_chunk(*args)
         losses.append(loss)
         preds.append(pred)
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    return (
-        torch.cat(losses) if losses else empty + hidden.sum() * 0,  # keeps the graph if empty
-        torch.cat(preds) if preds else labels,
-        batch["is_mask"][supervised],
-    )
+    is_mask = batch["is_mask"][supervised]
+    if not losses:  # nothing supervised: a loss that keeps the graph (every rank runs backward)
+        return hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0, labels, is_mask
+    return torch.cat(losses), torch.cat(preds), is_mask
+
+
+def block_metrics(pred, batch, block_size):
+    """Counts for per-offset accuracy and tpf_tf, as one float tensor to all-reduce:
+    [correct@0..B-1, total@0..B-1, accepted, blocks]. acc@k = correct/total; tpf_tf =
+    accepted/blocks, where a block accepts 1 + the length of the correct prefix of its mask
+    predictions (what lossless decoding would reach under teacher forcing). pred: argmax ids shaped
+    like batch['labels']."""
+    B = block_size
+    offset, labels = batch["offset"].flatten(), batch["labels"].flatten()
+    ok = (pred.flatten() == labels) & (offset >= 0)
+    counts = torch.zeros(2 * B + 2, dtype=torch.float64)
+    counts[:B] = torch.bincount(offset[ok], minlength=B)[:B].double()
+    counts[B:2 * B] = torch.bincount(offset[offset >= 0], minlength=B)[:B].double()
+    # masks of one group sit together, in offset order 1, 2, ...: a mask counts when no mask before
+    # it in its group (itself included) is wrong
+    mask_ok = ok[offset >= 1]
+    group = torch.cumsum((offset[offset >= 1] == 1).long(), 0)
+    wrong = torch.cumsum((~mask_ok).long(), 0)
+    wrong_before_group = torch.zeros(int(group.max()) + 1 if len(group) else 1, dtype=torch.long)
+    starts = offset[offset >= 1] == 1
+    wrong_before_group[group[starts]] = (wrong - (~mask_ok).long())[starts]
+    prefix_ok = (wrong - wrong_before_group[group]) == 0
+    counts[2 * B] = float(batch["block_start"].sum() + prefix_ok.sum())
+    counts[2 * B + 1] = float(batch["block_start"].sum())
+    return counts
+
+
+def summarize_metrics(counts, block_size):
+    """{acc@k, tpf_tf} from block_metrics' counts (summed over batches and ranks)."""
+    B = block_size
+    out = {f"acc@{k}": (counts[k] / counts[B + k]).item() if counts[B + k] else float("nan")
+           for k in range(B)}
+    blocks = counts[2 * B + 1]
+    out["tpf_tf"] = (counts[2 * B] / blocks).item() if blocks else float("nan")
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -250,20 +199,31 @@ def decoder_layers(model):
 def parallelize(model, parallel, device, param_dtype, world_size):
     """DDP, or FSDP2 (each decoder layer, then the root: the tied embedding and lm_head stay
     together in the root group; params in param_dtype, gradients reduced in fp32). One process: the
-    model as it is.
-    """
+    model as it is."""
     if world_size == 1:
         return model
-    one_of("parallel", parallel, ("ddp", "fsdp"))
     if parallel == "ddp":
-        return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                       else None)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def clip_grads(model, max_norm):
+    """Clip the global gradient norm to max_norm (0: no clipping); returns the norm before
+    clipping, as a float (nan or inf when a gradient is not finite)."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def all_finite(model, device):
+    """Whether every weight of the model is finite, on every rank."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return all_true(all(bool(torch.isfinite(p).all()) for p in local), device)
 
 
 def set_grad_sync(model, enabled):
@@ -277,18 +237,12 @@ def set_grad_sync(model, enabled):
 # -------------------------------------------------------------------------------------------------
 # throughput accounting
 
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "4090": 165e12,
-}
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "4090": 165e12}
 
 
 def peak_flops(device):
-    """Dense bf16 peak of known GPUs (None elsewhere, so MFU is not reported)."""
+    """Dense bf16 peak of known GPUs (None elsewhere, so that MFU is not reported)."""
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -301,7 +255,6 @@ def flops_per_token(model, seq_len):
     cfg = unwrap(model).config
     params = sum(p.numel() for p in unwrap(model).parameters())
     params -= unwrap(model).get_input_embeddings().weight.numel() * (not cfg.tie_word_embeddings)
-    width = cfg.num_attention_heads * getattr(
-        cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads
-    )
+    width = cfg.num_attention_heads * getattr(cfg, "head_dim",
+                                              cfg.hidden_size // cfg.num_attention_heads)
     return 6 * params + 6 * cfg.num_hidden_layers * width * seq_len

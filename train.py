@@ -6,6 +6,7 @@ Next-block SFT of a Hugging Face causal LM: one flat loop, config as module glob
   torchrun --standalone --nproc_per_node=4 train.py config/seed_recipe.py
   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \\
       --master_port=29500 train.py config/seed_recipe.py  # out_dir on a file system all nodes share
+  python train.py config/seed_recipe.py --data_only=True  # tokenize the data before a launch
 
 Re-running the same command resumes from the newest complete checkpoint in out_dir (resume='auto').
 SIGTERM or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C twice: abort).
@@ -13,14 +14,12 @@ SIGTERM or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 import uuid
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,11 +27,14 @@ import chat
 import checkpoint
 import data
 import lora
-from common import (all_sum, all_true, barrier, compute_cleanup, compute_init, dist_info, print0,
-                    resolve_dtype)
-from configurator import UserError, at_least, between, configure, one_of
-from model import (attention_backend, decoder_layers, flops_per_token, forward_losses, load_model,
-                   parallelize, peak_flops, set_grad_sync, training_tokenizer)
+from common import (all_sum, barrier, compute_cleanup, compute_init, dist_info, print0,
+                    resolve_dtype, to_device)
+from configurator import UserError, check_train, configure, first_line
+from demo import write_demo_data
+from model import (all_finite, attention_backend, block_metrics, clip_grads, decoder_layers,
+                   flops_per_token, forward_losses, load_model, parallelize, peak_flops,
+                   set_grad_sync, summarize_metrics)
+from store import Store, load_store
 
 # -------------------------------------------------------------------------------------------------
 # config: the defaults are the CPU demo; the seed's name for a key in [brackets]
@@ -61,6 +63,7 @@ prompt_format = None             # 'Question: {prompt}\nAnswer: ' for tokenizers
 special_text = "keep"            # special-token text in messages: 'keep' as text, or 'drop' the row
 data_cache = "~/.cache/next-block"  # where tokenized data is kept (docs/design.md, The data path)
 data_workers = 0                 # processes that tokenize on the first start; 0: every core
+data_only = False                # tokenize train_files and val_files into data_cache, then exit
 demo_data = True                 # write the demo's data set when its files are missing
 max_length = 256                 # tokens per packed row, masks included [data.max_length]
 block_size = 4                   # tokens predicted per forward pass [data.block_size]
@@ -77,6 +80,8 @@ min_lr = 6e-4                    # learning rate at the end of the cosine decay
 warmup_ratio = 0.05              # fraction of the steps warming up linearly [warmup_steps_ratio]
 weight_decay = 0.01              # AdamW decay on 2-D weights (betas 0.9, 0.95)
 grad_clip = 1.0                  # clip the global grad norm to this; 0: no clipping [clip_grad]
+max_nonfinite = 3                # steps in a row with a non-finite loss or grad norm (each skipped)
+#                                  before the run stops
 epochs = 4                       # passes over train_files [trainer.total_epochs]
 max_steps = 0                    # optimizer steps; 0: epochs x steps per epoch
 gradient_checkpointing = False   # recompute activations in backward [enable_gradient_checkpointing]
@@ -97,130 +102,42 @@ parallel = "fsdp"                # with several ranks: 'fsdp' (FSDP2) or 'ddp'
 seed = 1337                      # model init (demo), data order, block offsets
 # -------------------------------------------------------------------------------------------------
 config = configure(globals())
+check_train(config, dist_info()[2])  # every value, before anything slow happens
+block_offset = block_offset if block_offset == "random" else int(block_offset)
 
-# every setting is checked here, before anything slow happens
-_, _, world = dist_info()
-one_of("resume", resume, ("auto", "disable"))
-one_of("layout", layout, ("split", "interleaved"))
-one_of("dtype", dtype, ("auto", "float32", "bfloat16"))
-one_of("device", device.split(":")[0], ("auto", "cpu", "cuda"))
-one_of("parallel", parallel, ("fsdp", "ddp"))
-one_of("special_text", special_text, ("keep", "drop"))
-one_of("finetune", finetune, ("full", "gated_lora"))
-at_least("lora_rank", lora_rank, 1)
-between("lora_alpha", lora_alpha, 1e-6, 1e6)
-on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
-attn_impl = attention_backend(attention, "cuda" if on_cuda else "cpu")
-if attn_impl == "flex_attention" and not on_cuda:
-    raise UserError("attention='flex' needs CUDA: FlexAttention has no backward on CPU "
-                    "(use attention='sdpa')")
-for key in ("save_every", "keep_last", "eval_every", "max_steps", "mask_loss_weight",
-            "weight_decay", "grad_clip", "min_lr", "seed", "batch_tokens", "data_workers"):
-    at_least(key, globals()[key], 0)
-for key in ("log_every", "batch_size", "gradient_accumulation_steps", "epochs", "n_layer", "n_embd",
-            "n_head"):
-    at_least(key, globals()[key], 1)
-at_least("max_length", max_length, 2)
-between("block_size", block_size, 1, max_length - 1)
-between("warmup_ratio", warmup_ratio, 0.0, 1.0)
-if not learning_rate > 0:
-    raise UserError(f"learning_rate={learning_rate!r}: must be > 0")
-between("min_lr", min_lr, 0.0, learning_rate)
-if block_offset != "random":
-    try:
-        block_offset = int(block_offset)
-    except ValueError:
-        raise UserError(f"block_offset={block_offset!r}: expected 'random' or an int") from None
-    between("block_offset", block_offset, 0, block_size - 1)
-if gradient_accumulation_steps % world:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible "
-                    f"by the {world} ranks (it counts micro-batches over all ranks)")
-if init_from == "demo" and (n_embd % n_head or (n_embd // n_head) % 2):
-    raise UserError(f"n_embd={n_embd} / n_head={n_head}: the head size must be an even whole "
-                    "number (RoPE)")
-if init_from != "demo" and not os.path.isdir(init_from):
-    raise UserError(f"init_from={init_from!r} is not a folder (a local Hugging Face model, or "
-                    "'demo'; nothing is downloaded)")
-if prompt_format is not None and "{prompt}" not in str(prompt_format):
-    raise UserError(f"prompt_format={prompt_format!r}: expected a str with a {{prompt}} field")
-if batch_tokens and batch_tokens < block_size + 1:
-    raise UserError(f"batch_tokens={batch_tokens}: a micro-batch must hold a prompt and a block")
-micro_steps = gradient_accumulation_steps // world
-
-# -------------------------------------------------------------------------------------------------
 # this process, and the out_dir it owns
 rank, local_rank, world, device = compute_init(device)
 master = rank == 0
 ptdtype = resolve_dtype(dtype, device)
+attn_impl = attention_backend(attention, device, training=True)
+micro_steps = gradient_accumulation_steps // world
 torch.manual_seed(seed)
 print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device "
        f"{device} | dtype {str(ptdtype)[6:]} | out_dir {out_dir}")
-
-
-def own_out_dir():
-    """Rank 0 locks out_dir for this run and sweeps the debris of crashes; the others wait."""
-    error, held = None, None
-    if master:
-        try:
-            checkpoint.check_writable(out_dir)
-            held = checkpoint.lock(out_dir)
-            swept = checkpoint.sweep(out_dir)
-            if swept:
-                print0(f"swept the debris of an interrupted run: {', '.join(swept)}")
-        except UserError as e:
-            error = e
-    if not all_true(error is None, device):
-        raise error or UserError("rank 0 could not take out_dir (its message is above)")
-    return held
-
-
-out_dir_lock = own_out_dir()
-existing, theirs = checkpoint.checkpoints(out_dir), {}
-if existing and resume == "auto":  # refuse early what would mix two trainings
-    theirs = next((s for _, p in reversed(existing) if (s := checkpoint.read_sidecar(p))), {})
-    keys = ["init_from", "block_size", "seed", "finetune"]
-    keys += ["n_layer", "n_embd", "n_head"] if init_from == "demo" else []
-    keys += ["lora_rank", "lora_targets"] if finetune == "gated_lora" else []
-    clash = [k for k in keys if theirs.get("config", {}).get(k, config[k]) != config[k]]
-    if clash:
-        theirs_text = ", ".join(f"{k}={theirs['config'].get(k)!r}" for k in clash)
-        ours_text = ", ".join(f"{k}={config[k]!r}" for k in clash)
-        raise UserError(f"out_dir {out_dir!r} holds another run ({theirs_text}; this one has "
-                        f"{ours_text}): use another out_dir, or --resume=disable to start over "
-                        "there (the old run is moved aside)")
 run_id = uuid.uuid4().hex[:8]
-if existing and resume == "disable":
-    if master:
-        moved = checkpoint.move_aside(out_dir, run_id)
-        print0(f"resume='disable': the {len(existing)} checkpoints of the previous run are in "
-               f"{moved}")
-    existing = []
-    barrier()
+compared = ["init_from", "block_size", "seed", "finetune"]  # what a resumed run must keep
+compared += ["n_layer", "n_embd", "n_head"] if init_from == "demo" else []
+compared += ["lora_rank", "lora_targets"] if finetune == "gated_lora" else []
+out_dir_lock, previous = checkpoint.prepare(out_dir, config, compared, run_id, device)
 
-# -------------------------------------------------------------------------------------------------
 # data: tokenized once into a store (local rank 0 of each node builds it, the others wait)
-if demo_data and master:
-    demo_files = [f for f in (train_files, val_files) if str(f).startswith("data/demo/")]
-    if demo_files and not all(os.path.exists(f) for f in demo_files):
-        print0("demo: writing the synthetic data set to data/demo/")
-        data.write_demo_data("data/demo")
+if demo_data and master and any(str(f).startswith("data/demo/") and not os.path.exists(f)
+                                for f in (train_files, val_files) if f):
+    print0("demo: writing the synthetic data set to data/demo/")
+    write_demo_data("data/demo")
 barrier()
-tokenizer, mask_token_id, new_mask = training_tokenizer(init_from)
+tokenizer, mask_token_id, new_mask = chat.training_tokenizer(init_from)
 conversation = chat.Chat(tokenizer, chat_template_kwargs, prompt_format, special_text)
 keys, cache = (prompt_key, response_key, messages_key, tools_key), os.path.expanduser(data_cache)
-
-
-def load_store(files):
-    return data.load_store(files, conversation, cache, keys, data_workers,
-                           builder=local_rank == 0, wait=barrier)
-
-
-train_store, data_key, built = load_store(train_files)
-val_store = load_store(val_files)[0] if val_files else data.Store.from_samples([])
-if existing and resume == "auto" and theirs.get("data_key") not in (None, data_key):
-    raise UserError(f"the training data changed since {existing[-1][1]} was saved (the files, the "
-                    "tokenizer, the chat template or its options): resume with the same data, or "
-                    "--resume=disable to start over")
+train_store, data_key, built = load_store(train_files, conversation, cache, keys, data_workers,
+                                          builder=local_rank == 0, wait=barrier)
+val_store = (load_store(val_files, conversation, cache, keys, data_workers,
+                        builder=local_rank == 0, wait=barrier)[0] if val_files
+             else Store.from_samples([]))
+if previous and previous.get("data_key") not in (None, data_key):
+    raise UserError(f"the training data changed since the checkpoints in {out_dir} were saved (the "
+                    "files, the tokenizer, the chat template or its options): resume with the same "
+                    "data, or --resume=disable to start over")
 for note, (count, where) in train_store.info.get("notes", {}).items():
     print0(f"note: {count} rows: {chat.NOTES[note]} (first: {where})")
 keep, dropped, truncated = data.too_long(train_store, max_length, block_size)
@@ -239,25 +156,25 @@ print0(f"data: {len(train_samples)} train samples, {int(train_samples.clean_leng
        f"tokens ({found}: {cache}/{data_key}) | {dropped} dropped (prompt >= max_length), up to "
        f"{truncated} cut to fit max_length={max_length} | {len(val_samples)} val samples | "
        f"padding {100 * batches.padding():.1f}% | block_size {block_size} | layout {layout}")
-if batch_tokens:
-    print0(f"steps: {total_steps} of {gradient_accumulation_steps} micro-batches of "
-           f"{batch_tokens} tokens ({batches.rows} rows x {batches.row_length}; {micro_steps} "
-           f"micro-steps x {world} ranks); {batches.steps_per_epoch} steps per epoch")
-else:
-    print0(f"steps: {total_steps} of {batch_size * gradient_accumulation_steps} samples "
-           f"({batch_size} per micro-batch x {micro_steps} micro-steps x {world} ranks); "
-           f"{batches.steps_per_epoch} steps per epoch")
+per_micro = (f"micro-batches of {batch_tokens} tokens ({batches.rows} rows x {batches.row_length}"
+             if batch_tokens else f"samples ({batch_size} per micro-batch")
+count = gradient_accumulation_steps if batch_tokens else batch_size * gradient_accumulation_steps
+print0(f"steps: {total_steps} of {count} {per_micro} x {micro_steps} micro-steps x {world} ranks); "
+       f"{batches.steps_per_epoch} steps per epoch")
+if data_only:
+    print0(f"data_only: the stores are in {cache}; launch without data_only to train")
+    compute_cleanup()
+    sys.exit(0)
 
-# -------------------------------------------------------------------------------------------------
-# the model
+# the model and its optimizer
 torch.manual_seed(seed)
 demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
 model = load_model(init_from, mask_token_id, new_mask, device, attention, demo_overrides)
 model.config.next_block_size = block_size  # exported with the model: sample.py decodes with these
 model.config.chat_template_kwargs = chat_template_kwargs
 if finetune == "gated_lora":
-    targets = tuple(t.strip() for t in lora_targets.split(","))
-    adapted = lora.add_adapters(model, lora_rank, lora_alpha, targets)
+    adapted = lora.add_adapters(model, lora_rank, lora_alpha, tuple(
+        t.strip() for t in lora_targets.split(",")))
     print0(f"gated_lora: {adapted} adapted linears (rank {lora_rank}, alpha {lora_alpha}), base "
            "frozen: only mask positions learn; loss_ar stays the base model's")
 if gradient_checkpointing:
@@ -280,6 +197,20 @@ print0(f"model: {init_from} | {n_params / 1e6:.2f}M params, {n_trainable / 1e6:.
        f"({100 * n_trainable / n_params:.1f}%), AdamW state {8 * n_trainable / 2 ** 20:.1f} MiB | "
        f"attention {attn_impl} | mask token id {mask_token_id}")
 
+# resume: the newest intact checkpoint's model, optimizer, data position and random state
+step, wandb_id = 0, None
+if previous is not None:
+    path, sidecar, restored = checkpoint.resume(out_dir, model, optimizer, device)
+    if path is None:
+        raise UserError(f"no checkpoint in {out_dir} can be loaded (see above): use another "
+                        "out_dir, or --resume=disable to start over there")
+    batches.load_state_dict(sidecar["data"])
+    step, wandb_id, run_id = sidecar["step"], sidecar.get("wandb_id"), sidecar["run_id"]
+    if not restored:
+        print0(f"note: {path} was written by {sidecar['world_size']} ranks; random state "
+               "restarts on the others")
+    print0(f"resumed from {path} (step {step}, epoch {batches.epoch})")
+
 
 def get_lr(step):
     """Linear warmup over warmup_ratio of the steps, then cosine decay to min_lr."""
@@ -290,70 +221,6 @@ def get_lr(step):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
-            if isinstance(v, torch.Tensor)}
-
-
-# -------------------------------------------------------------------------------------------------
-# checkpoints (the format: checkpoint.py)
-
-def rng_state():
-    cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(step, metrics):
-    sidecar = {"run_id": run_id, "world_size": world, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "data": batches.state_dict(), "data_key": data_key, "wandb_id": wandb_id,
-               "metrics": metrics, "config": config}
-    final = checkpoint.save(out_dir, step, model, optimizer, tokenizer, {"rng": rng_state()},
-                            sidecar, ptdtype, device)
-    if master:
-        checkpoint.prune(out_dir, keep_last)
-    barrier()
-    print0(f"saved {final}")
-
-
-def load_checkpoint(path):
-    sidecar, mine = checkpoint.load(path, model, optimizer)
-    if "data" not in sidecar:
-        raise ValueError("written by an older train.py (no data position)")
-    batches.load_state_dict(sidecar["data"])
-    if mine is not None:
-        set_rng_state(mine["rng"])
-    else:
-        print0(f"note: {path} was written by {sidecar['world_size']} ranks; random state "
-               "restarts on the others")
-    return sidecar
-
-
-step, wandb_id = 0, None
-if existing:
-    resumed_from, sidecar = checkpoint.resume(out_dir, load_checkpoint, device)
-    if resumed_from is None:
-        raise UserError(f"no checkpoint in {out_dir} can be loaded (see above): use another "
-                        "out_dir, or --resume=disable to start over there")
-    step, wandb_id = sidecar["step"], sidecar.get("wandb_id")
-    run_id = sidecar.get("run_id", run_id)
-    print0(f"resumed from {resumed_from} (step {step}, epoch {batches.epoch})")
-if step >= total_steps:
-    print0(f"nothing to do: {out_dir} already holds step {step} of {total_steps} (raise max_steps "
-           "or epochs to go on)")
-
-# -------------------------------------------------------------------------------------------------
-# evaluation and logging
-
-
 @torch.no_grad()
 def evaluate():
     """val_loss_ar, val_loss_mask, acc@0..B-1 and tpf_tf over all of val_files (block offset 0)."""
@@ -362,7 +229,7 @@ def evaluate():
     counts = torch.zeros(2 * block_size + 2, dtype=torch.float64)
     for batch in data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id,
                                    layout, rank, world, pad_multiple, mask_token_id):
-        batch = to_device(batch)
+        batch = to_device(batch, device)
         with autocast:
             losses, preds, is_mask = forward_losses(model, batch)
         sums += torch.tensor([losses[~is_mask].sum().item(), (~is_mask).sum().item(),
@@ -370,40 +237,73 @@ def evaluate():
                              dtype=torch.float64)
         full_pred = batch["labels"].clone()
         full_pred[batch["labels"] != -100] = preds
-        cpu = {k: v.cpu() for k, v in batch.items()}
-        counts += data.block_metrics(full_pred.cpu(), cpu, block_size)
+        counts += block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
     sums, counts = all_sum(sums.to(device)).cpu(), all_sum(counts.to(device)).cpu()
     model.train()
-    out = {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
-           "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item()}
-    out.update(data.summarize_metrics(counts, block_size))
-    return out
+    return {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
+            "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item(),
+            **summarize_metrics(counts, block_size)}
+
+
+def save(step, metrics):
+    if not all_finite(model, device):
+        raise UserError(f"the weights at step {step} are not finite: not saved (newest checkpoint: "
+                        f"{newest()}); lower learning_rate or check the data")
+    sidecar = {"run_id": run_id, "world_size": world, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "data": batches.state_dict(), "data_key": data_key, "wandb_id": wandb_id,
+               "metrics": metrics, "config": config}
+    final = checkpoint.save(out_dir, step, model, optimizer, tokenizer, sidecar, ptdtype, device)
+    if master:
+        checkpoint.prune(out_dir, keep_last)
+    barrier()
+    print0(f"saved {final}")
+
+
+def newest():
+    return (checkpoint.checkpoints(out_dir) or [(0, "none")])[-1][1]
 
 
 def log_json(row, name="metrics.jsonl"):
     if master:
-        with open(os.path.join(out_dir, name), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(os.path.join(out_dir, name), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {os.path.join(out_dir, name)}: {e.strerror} (newest "
+                            f"checkpoint: {newest()}, intact)") from None
 
 
-log_json({"event": "resume" if step else "start", "step": step, "run_id": run_id,
-          "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+def log(row, line=None):
+    """A step's numbers: a console line on rank 0 (above the progress bar), a metrics.jsonl row,
+    and W&B."""
+    if line is not None:
+        bar.write(line) if not bar.disable else print0(line)
+    log_json(row)
+    if run:
+        run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
 run = None
-if wandb_log and master:
-    import wandb
-    wandb_id = wandb_id or uuid.uuid4().hex[:8]  # kept in every checkpoint: a resume logs to it
-    name = wandb_run_name or os.path.basename(os.path.normpath(out_dir))
-    kwargs = dict(project=wandb_project, name=name, config=config, dir=out_dir, id=wandb_id,
-                  resume="allow")
-    try:
-        run = wandb.init(**kwargs)
-    except Exception as e:  # no network or no API key: keep training, log offline
-        print0(f"wandb: {str(e).splitlines()[0]}; logging offline to {out_dir}/wandb")
-        run = wandb.init(**kwargs, mode="offline")
-
-# -------------------------------------------------------------------------------------------------
-# the loop
-stop_requested = None
+if step < total_steps:  # a start, or a resume with work left: marked in the logs
+    marker = {"event": "resume" if step else "start", "step": step, "run_id": run_id,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    log_json(marker)
+    if log_samples:
+        log_json(marker, "samples.jsonl")
+    if wandb_log and master:
+        import wandb
+        wandb_id = wandb_id or uuid.uuid4().hex[:8]  # kept in every checkpoint: a resume logs to it
+        kwargs = dict(project=wandb_project, config=config, dir=out_dir, id=wandb_id,
+                      name=wandb_run_name or os.path.basename(os.path.normpath(out_dir)),
+                      resume="allow")
+        try:
+            run = wandb.init(**kwargs)
+        except Exception as e:  # no network or no API key: keep training, log offline
+            print0(f"wandb: {first_line(e)}; logging offline to {out_dir}/wandb")
+            run = wandb.init(**kwargs, mode="offline")
+else:
+    print0(f"nothing to do: {out_dir} already holds step {step} of {total_steps} (raise max_steps "
+           "or epochs to go on)")
 
 
 def request_stop(signum, frame):
@@ -417,24 +317,16 @@ def request_stop(signum, frame):
     print0(f"{stop_requested}: saving a checkpoint at the end of this step, then exiting{again}")
 
 
+stop_requested, nonfinite, metrics = None, 0, {}
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 model.train()
 peak = peak_flops(device)
 bar = tqdm(total=total_steps, initial=step, disable=not (master and sys.stderr.isatty()),
            dynamic_ncols=True)
-
-
-def log_line(line):
-    """A console line on rank 0, printed above the progress bar when there is one."""
-    if bar.disable:
-        print0(line)
-    else:
-        bar.write(line)
-
-
-metrics = {}
 t0 = time.time()
+# -------------------------------------------------------------------------------------------------
+# the loop
 while step < total_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
@@ -446,66 +338,70 @@ while step < total_steps:
     # number: accumulation and world size never change the math (docs/design.md, The loss)
     labelled = sum((b["labels"] != -100).sum() for b in micro)
     supervised = all_sum(torch.tensor(float(labelled), device=device))
-    stats = torch.zeros(8, dtype=torch.float64, device=device)
+    sums = dict.fromkeys(("loss", "loss_ar", "n_ar", "loss_mask", "n_mask", "clean", "tokens"), 0)
     for k, batch in enumerate(micro):
         set_grad_sync(model, k == len(micro) - 1)
-        batch = to_device(batch)
+        batch = to_device(batch, device)
         with autocast:
             losses, _, is_mask = forward_losses(model, batch)
         weighted = (losses * torch.where(is_mask, mask_loss_weight, 1.0)).sum()
         # x world: DDP and FSDP average gradients over ranks, and this loss is already global
         (weighted * (world / supervised)).backward()
         real = batch["doc_ids"] >= 0
-        stats[:7] += torch.stack([x.detach().double() for x in (
-            weighted, losses[~is_mask].sum(), (~is_mask).sum(), losses[is_mask].sum(),
-            is_mask.sum(), (real & ~batch["is_mask"]).sum(), real.sum())])
-    stats[7] = float(stop_requested is not None)  # every rank learns of a signal any rank got
-    stats = all_sum(stats)
-    loss_sum, ar_sum, ar_n, mask_sum, mask_n, clean_tokens, all_tokens, stop_votes = stats.tolist()
-    loss_value = loss_sum / supervised.item()
-    if not math.isfinite(loss_value):
-        last = (checkpoint.checkpoints(out_dir) or [(0, "none")])[-1][1]
-        raise UserError(f"loss is {loss_value} at step {step + 1}: stopping without saving (newest "
-                        f"checkpoint: {last}); lower learning_rate or check the data")
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
+        for key, value in (("loss", weighted), ("loss_ar", losses[~is_mask].sum()),
+                           ("n_ar", (~is_mask).sum()), ("loss_mask", losses[is_mask].sum()),
+                           ("n_mask", is_mask.sum()), ("clean", (real & ~batch["is_mask"]).sum()),
+                           ("tokens", real.sum())):
+            sums[key] = sums[key] + value.detach().double()
+    sums["stop"] = float(stop_requested is not None)  # every rank learns of a signal any rank got
+    sums = dict(zip(sums, all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64,
+                                                               device=device)
+                                               for v in sums.values()])).tolist()))
+    loss_value = sums["loss"] / supervised.item()
+    grad_norm = clip_grads(model, grad_clip)
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        optimizer.step()
+        nonfinite = 0
+    else:  # skipped: no weight ever takes a non-finite step
+        nonfinite += 1
+        if nonfinite >= max_nonfinite:
+            raise UserError(f"{nonfinite} steps in a row had a non-finite loss or grad norm (step "
+                            f"{step + 1}: loss {loss_value:.4g}, grad norm {grad_norm:.4g}) and "
+                            f"were skipped: stopping (max_nonfinite={max_nonfinite}; newest "
+                            f"checkpoint: {newest()}); lower learning_rate or check the data")
     optimizer.zero_grad(set_to_none=True)
     step += 1
     bar.update(1)
 
     dt, t0 = time.time() - t0, time.time()
-    metrics = {"step": step, "loss": loss_value, "loss_ar": ar_sum / max(ar_n, 1),
-               "loss_mask": mask_sum / max(mask_n, 1), "lr": lr, "grad_norm": grad_norm.item(),
-               "tokens_per_sec": all_tokens / dt, "clean_tokens_per_sec": clean_tokens / dt,
-               "epoch": batches.epoch}
+    metrics = {"step": step, "loss": loss_value, "loss_ar": sums["loss_ar"] / max(sums["n_ar"], 1),
+               "loss_mask": sums["loss_mask"] / max(sums["n_mask"], 1), "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_sec": sums["tokens"] / dt,
+               "clean_tokens_per_sec": sums["clean"] / dt, "epoch": batches.epoch}
     if peak:
-        metrics["mfu"] = flops_token * all_tokens / dt / (peak * world)
-    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{all_tokens / dt:.0f}")
-    if step % log_every == 0 or step == total_steps:
+        metrics["mfu"] = flops_token * sums["tokens"] / dt / (peak * world)
+    if nonfinite:
+        metrics["skipped"] = nonfinite
+    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{sums['tokens'] / dt:.0f}")
+    if step % log_every == 0 or step == total_steps or nonfinite:
         mfu = f" | mfu {100 * metrics['mfu']:.0f}%" if peak else ""
-        log_line(f"step {step}/{total_steps} | loss {loss_value:.4f} (ar {metrics['loss_ar']:.3f}, "
-                 f"mask {metrics['loss_mask']:.3f}) | lr {lr:.1e} | grad_norm "
-                 f"{metrics['grad_norm']:.2f} | {all_tokens / dt / 1e3:.1f}k tok/s{mfu}")
-        log_json(metrics)
-        if run:
-            run.log(metrics, step=step)
+        skipped = " | non-finite: step skipped" if nonfinite else ""
+        log(metrics, f"step {step}/{total_steps} | loss {loss_value:.4f} (ar "
+                     f"{metrics['loss_ar']:.3f}, mask {metrics['loss_mask']:.3f}) | lr {lr:.1e} | "
+                     f"grad_norm {grad_norm:.2f} | {sums['tokens'] / dt / 1e3:.1f}k tok/s{mfu}"
+                     f"{skipped}")
     if val_samples and ((eval_every and step % eval_every == 0) or step == total_steps):
         val = evaluate()
         metrics.update(val)
         accs = " ".join(f"{val[f'acc@{k}']:.2f}" for k in range(block_size))
-        log_line(f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | val_loss_mask "
-                 f"{val['val_loss_mask']:.4f} | acc@0..{block_size - 1} {accs} | tpf_tf "
-                 f"{val['tpf_tf']:.2f}")
-        log_json({"step": step, **val})
-        if run:
-            run.log(val, step=step)
+        log({"step": step, **val}, f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | "
+                                   f"val_loss_mask {val['val_loss_mask']:.4f} | acc@0.."
+                                   f"{block_size - 1} {accs} | tpf_tf {val['tpf_tf']:.2f}")
         t0 = time.time()  # validation time is not training throughput
-    if (save_every and step % save_every == 0) or step == total_steps or stop_votes > 0:
-        save_checkpoint(step, metrics)
+    if (save_every and step % save_every == 0) or step == total_steps or sums["stop"] > 0:
+        save(step, metrics)
         t0 = time.time()
-    if stop_votes > 0:
+    if sums["stop"] > 0:
         print0(f"stopped on request: saved step {step}, exiting")
         break
 

@@ -178,7 +178,7 @@ def trained_demo(tmp_path_factory):
     """The demo, shortened: a small model trained briefly with train.py on the synthetic data (CPU,
     ~30 s)."""
     import subprocess
-    from data import write_demo_data
+    from demo import write_demo_data
     root = tmp_path_factory.mktemp("demo")
     files = write_demo_data(str(root / "data"), n_train=800, n_test=40)
     steps = 150
@@ -240,7 +240,7 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def train_file(tmp_path_factory):
-    from data import write_demo_data
+    from demo import write_demo_data
     return write_demo_data(str(tmp_path_factory.mktemp("data")), n_train=96, n_test=16)["train"]
 
 

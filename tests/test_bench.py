@@ -171,8 +171,9 @@ def test_a_checkpoint_decodes_in_fp32_at_its_block_size_with_its_stop_tokens(tmp
     import bench
     from checkpoint import export_hf
     import chat
-    from data import write_demo_data
-    from model import load_model, training_tokenizer
+    from demo import write_demo_data
+    from chat import training_tokenizer
+from model import load_model
     tok, mask_id, new = training_tokenizer("demo")
     model = load_model(
         "demo", mask_id, new, demo_overrides=dict(hidden_size=32, num_layers=1, num_heads=2)

@@ -11,7 +11,8 @@ import pytest
 import chat
 from conftest import byte_tokenizer, shared_tokenizer, write_parquet
 from configurator import UserError
-from model import MASK_TOKEN, add_mask_token, demo_tokenizer
+from chat import MASK_TOKEN, add_mask_token
+from demo import demo_tokenizer
 
 USER = [{"role": "user", "content": "What is 2+2?"}]
 CHATML = (

@@ -7,17 +7,10 @@ import torch
 import chat
 from conftest import example, write_parquet
 from configurator import UserError
-from data import (
-    Batches,
-    Store,
-    block_metrics,
-    collate,
-    eval_batches,
-    summarize_metrics,
-    too_long,
-    truncate,
-    write_demo_data,
-)
+from data import Batches, collate, eval_batches, too_long, truncate
+from demo import write_demo_data
+from model import block_metrics, summarize_metrics
+from store import Store
 
 # ---------------- build_example, truncation, packing
 
@@ -263,7 +256,7 @@ def test_demo_data_is_deterministic_and_disjoint(tmp_path):
 # ---------------- the store: tokenized once, memory-mapped
 
 def _store(files, tok, cache, **kwargs):
-    from data import load_store
+    from store import load_store
     return load_store(files, chat.Chat(tok), str(cache), **kwargs)
 
 
@@ -276,7 +269,7 @@ def _same(a, b):
 def test_store_holds_what_encode_gives(tmp_path):
     """Demo data (prompt/target), and a file of whole conversations: the store's samples are token
     for token what chat.encode gives row by row; a second load finds it instead of building it."""
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     tok = demo_tokenizer()
     files = write_demo_data(str(tmp_path / "demo"), n_train=40, n_test=4)
     conversations = [
@@ -329,7 +322,7 @@ def test_store_of_gsm8k_with_the_qwen3_tokenizer(tmp_path):
 
 
 def test_one_or_two_builders_make_the_same_store(tmp_path):
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     files = write_demo_data(str(tmp_path / "demo"), n_train=300, n_test=4)
     a, key_a, _ = _store(files["train"], demo_tokenizer(), tmp_path / "one", workers=1)
     b, key_b, _ = _store(files["train"], demo_tokenizer(), tmp_path / "two", workers=2)
@@ -341,8 +334,8 @@ def test_one_or_two_builders_make_the_same_store(tmp_path):
 
 
 def test_what_decides_the_tokens_decides_the_key(tmp_path):
-    from data import expand_files, store_key
-    from model import demo_tokenizer
+    from store import expand_files, store_key
+    from demo import demo_tokenizer
     path = write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo"}])
     keys = ["prompt", "target", "messages", "tools"]
 
@@ -369,7 +362,7 @@ def test_what_decides_the_tokens_decides_the_key(tmp_path):
 
 
 def test_a_damaged_store_is_rebuilt_never_loaded(tmp_path):
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     files = write_demo_data(str(tmp_path / "demo"), n_train=50, n_test=4)
     store, key, _ = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
     reference = [(list(store[i][0]), store[i][1]) for i in range(len(store))]
@@ -411,7 +404,7 @@ def test_rows_the_template_refuses_are_counted_and_listed(tmp_path):
 
 
 def test_a_cache_folder_that_cannot_be_written(tmp_path):
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     files = write_demo_data(str(tmp_path / "demo"), n_train=8, n_test=4)
     (tmp_path / "file").write_text("")
     with pytest.raises(

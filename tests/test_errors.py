@@ -200,7 +200,7 @@ BENCH = [
 
 def fixtures(tmp):
     """The files the cases above point at."""
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     (tmp / "bad_type.py").write_text("batch_size = 'big'\n")
     (tmp / "bad_syntax.py").write_text("batch_size = 2\nlearning_rate = = 1\n")
     (tmp / "bad_name.py").write_text("batch_size = 16 // gpus\n")
@@ -274,7 +274,7 @@ if __name__ == "__main__":  # the table in docs/errors.md
     from pathlib import Path
 
     sys.path.insert(0, ROOT)
-    from data import write_demo_data
+    from demo import write_demo_data
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         shutil_src = write_demo_data(str(tmp / "data"), n_train=96, n_test=8)["train"]

@@ -64,17 +64,21 @@ def test_the_clean_stream_is_the_base_model_bit_for_bit(arch, layout):
     assert not torch.allclose(ours[batch["is_mask"]], theirs[batch["is_mask"]])
 
 
-def test_ar_and_lossless_give_the_base_models_greedy_output():
+def test_ar_and_lossless_give_the_base_models_output_greedy_or_sampled():
     base = tiny_model("qwen3", vocab_size=128, seed=1)
     model = gated(base, seed=3)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 126, (4 + 3 * i,), generator=g).tolist() for i in range(4)]
-    want = [generate(base, p, "ar", 4, MASK, 24)[0] for p in prompts]
-    assert [t for t, _ in generate(model, prompts, "ar", 4, MASK, 24, batch_size=2)] == want
-    assert [t for t, _ in generate(model, prompts, "lossless", 4, MASK, 24, batch_size=2)] == want
-    base_drafts = generate(base, prompts, "block", 4, MASK, 24)
+    opts = dict(block_size=4, mask_token_id=MASK)
+    for sampling in ({}, {"temperature": 0.6, "top_p": 0.95}):
+        want = [generate(base, [p], "ar", 24, seed=[3 + i], **opts, **sampling)[0][0]
+                for i, p in enumerate(prompts)]
+        for mode in ("ar", "lossless"):
+            got = generate(model, prompts, mode, 24, batch_size=2, seed=3, **opts, **sampling)
+            assert [t for t, _ in got] == want, (mode, sampling)
+    base_drafts = generate(base, prompts, "block", 24, **opts)
     # the adapter drafts, the base verifies
-    assert generate(model, prompts, "block", 4, MASK, 24) != base_drafts
+    assert generate(model, prompts, "block", 24, **opts) != base_drafts
 
 
 def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file):

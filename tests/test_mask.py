@@ -149,12 +149,12 @@ def test_conversations_with_several_learned_turns(layout):
         assert torch.equal(dense_mask(batch)[0, 0], expected)
 
 
-def test_python_mask_py_draws_both_layouts():
+def test_python_data_py_draws_both_layouts():
     import subprocess
     import sys
     from conftest import ROOT
     p = subprocess.run(
-        [sys.executable, "mask.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "data.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert (
         p.returncode == 0 and "layout 'split':" in p.stdout and "layout 'interleaved':" in p.stdout

@@ -304,7 +304,7 @@ def test_metrics_mark_resumes_and_wandb_resumes_its_run(tmp_path, train_file, mo
 
 def test_resume_after_the_data_changed_is_refused(tmp_path):
     from conftest import write_parquet
-    from data import write_demo_data
+    from demo import write_demo_data
     path = write_demo_data(str(tmp_path / "data"), n_train=40, n_test=4)["train"]
     args = [f"--train_files={path}", "--batch_size=2", "--max_steps=4", "--save_every=2"]
     train(tmp_path / "out", *args[:-2], "--max_steps=2", "--save_every=2")

@@ -2,9 +2,12 @@
 for the adaptive rules, and the command line."""
 
 import json
+import math
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -13,9 +16,20 @@ from conftest import ROOT, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
-from sample import MODES, extract_answer, generate, normalize_answer, same_answer
+import sample
+from sample import MODES, extract_answer, normalize_answer, same_answer
 
 MASK = 127
+
+
+def generate(model, prompts, mode, B, mask_id, max_new, eos_token_id=None, threshold=0.7,
+             batch_size=16, **kwargs):
+    """sample.generate with this file's habits: block size and mask id given, greedy and every
+    draft verified (stats that do not depend on timing) unless asked."""
+    kwargs.setdefault("drafts", B - 1)
+    return sample.generate(model, prompts, mode, max_new, block_size=B, mask_token_id=mask_id,
+                           eos_token_id=eos_token_id, threshold=threshold, batch_size=batch_size,
+                           **kwargs)
 
 
 def random_prompts(n, seed=0, vocab=126):
@@ -39,6 +53,7 @@ def test_ar_equals_hf_generate():
             )
             assert ours == theirs[0, len(prompt):].tolist()
             assert stats == {"forwards": len(ours), "tokens": len(ours)} and len(set(ours)) > 3
+            assert generate(model, prompt, "lossless", 4, MASK, 24, eos)[0] == ours
 
 
 def test_one_prompt_gives_one_result_many_give_a_list():
@@ -61,7 +76,8 @@ def test_batched_decoding_equals_each_prompt_alone(arch, mode):
     # prompt 0 stops early
     eos = generate(model, prompts[0], mode, 4, MASK, 20, threshold=0.05)[0][6]
     alone = [
-        generate(model, p, mode, 4, MASK, 20, eos_token_id=eos, threshold=0.05) for p in prompts
+        generate(model, p, mode, 4, MASK, 20, eos_token_id=eos, threshold=0.05, seed=i)
+        for i, p in enumerate(prompts)
     ]
     lengths = [len(t) for t, _ in alone]
     assert (
@@ -173,9 +189,8 @@ class Scripted(torch.nn.Module):
 
 def _tpf(model, mode, threshold=0.7, max_new=12, B=4, eos=None):
     trace = []
-    out, stats = generate(
-        model, list(range(1, 8)), mode, B, 63, max_new, eos, threshold, trace=trace
-    )
+    out, stats = generate(model, list(range(1, 8)), mode, B, 63, max_new, eos, threshold,
+                          trace=trace)
     return out, [len(t) for t, _ in trace]
 
 
@@ -224,10 +239,18 @@ def test_generate_rejects_bad_input():
         ([1, 2], {"batch_size": 0}, "batch_size=0: must be >= 1"),
         ([1, 2], {"max_new_tokens": 0}, "max_new_tokens=0: must be >= 1"),
         ([1] * 500, {"max_new_tokens": 100}, "longer than the model's 512 positions"),
+        ([1, 2], {"temperature": -1}, "temperature=-1: must be a number >= 0"),
+        ([1, 2], {"temperature": 1, "top_p": 0}, "top_p=0: must be in \\(0, 1\\]"),
+        ([1, 2], {"temperature": 1, "top_p": 1.5}, "top_p=1.5: must be in \\(0, 1\\]"),
+        ([1, 2], {"temperature": 1, "top_k": -2}, "top_k=-2: must be an int >= 0"),
+        ([1, 2], {"temperature": 1, "min_p": 1.0}, "min_p=1.0: must be in \\[0, 1\\)"),
+        ([[1, 2], [3]], {"seed": [1, 2, 3]}, "seed: 3 seeds for 2 prompts"),
+        ([1, 2], {"mode": "lossless", "drafts": 4}, "drafts=4: expected 'auto' or an int in \\[0, 3\\]"),
+        ([1, 2], {"mode": "lossless", "drafts": "all"}, "drafts='all': expected 'auto'"),
     ):
         args = dict(mode="ar", block_size=4, mask_token_id=MASK, max_new_tokens=5) | kwargs
         with pytest.raises(UserError, match=message):
-            generate(model, prompts, **args)
+            sample.generate(model, prompts, **args)
 
 
 def test_compiled_step_gives_the_same_tokens():
@@ -244,6 +267,168 @@ def test_compiled_step_gives_the_same_tokens():
         except Exception as e:  # a machine without a C compiler cannot run inductor
             pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
         assert compiled == eager
+
+
+# ---------------- sampling: the filtered distribution, drawn with a noise of (seed, position)
+
+def exact_distribution(model, prompt, settings, steps=2, buggy=None):
+    """{continuation: probability} of every `steps`-token continuation of prompt under the filtered
+    distribution (enumerated with plain forwards). buggy: 'double_temperature' or
+    'top_p_one_more', the mistakes the sampling test must catch."""
+    def filtered_probs(seq):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+        s = settings._replace(temperature=settings.temperature ** 2) \
+            if buggy == "double_temperature" else settings
+        scores = logits / s.temperature
+        if s.top_k:
+            scores = scores.masked_fill(scores < scores.topk(s.top_k).values[-1], -math.inf)
+        if s.top_p < 1:
+            order = scores.argsort(descending=True)
+            probs = scores.softmax(-1)[order]
+            above = probs.cumsum(-1) - probs
+            drop = above >= s.top_p
+            if buggy == "top_p_one_more":
+                drop[int((~drop).sum())] = False
+            scores[order[drop]] = -math.inf
+        return scores.softmax(-1)
+
+    out = {(): 1.0}
+    for _ in range(steps):
+        nxt = {}
+        for seq, p in out.items():
+            for t, q in enumerate(filtered_probs(prompt + list(seq)).tolist()):
+                if q > 0:
+                    nxt[seq + (t,)] = p * q
+        out = nxt
+    return out
+
+
+def tv(p, q):
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+@pytest.mark.parametrize("settings,n", [(sample.Sampling(1.0), 20000),
+                                        (sample.Sampling(0.7, top_k=5, top_p=0.8), 8000)])
+def test_ar_samples_the_filtered_distribution(settings, n):
+    """Many seeds of one prompt: the empirical distribution of ar's 2-token continuations equals the
+    enumerated filtered one (total variation below what the sampling noise allows), while the
+    mistakes a sampler makes (the temperature applied twice, top-p keeping one token too many) are
+    farther from it than that: the test can fail."""
+    model = tiny_model("qwen3", vocab_size=12, seed=4)
+    prompt = [3, 7, 1, 9]
+    want = exact_distribution(model, prompt, settings)
+    counts = Counter(tuple(t) for t, _ in generate(
+        model, [prompt] * n, "ar", 4, None, 2, batch_size=4096, seed=list(range(n)),
+        **settings._asdict()))
+    got = {k: c / n for k, c in counts.items()}
+    bound = 0.6 * math.sqrt(2 * len(want) / (math.pi * n))  # ~1.2x the expected TV of n draws
+    assert tv(got, want) < bound, (tv(got, want), bound)
+    bugs = ["double_temperature"] * (settings.temperature != 1) + ["top_p_one_more"] * (
+        settings.top_p < 1)
+    for bug in bugs:  # at T=1 applying it twice changes nothing
+        assert tv(exact_distribution(model, prompt, settings, buggy=bug), want) > 2 * bound, bug
+
+
+SAMPLED = [dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=1.0, top_p=0.9),
+           dict(temperature=1.0, min_p=0.05)]
+
+
+@pytest.mark.parametrize("settings", SAMPLED)
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_sampled_lossless_equals_ar_and_each_row_its_prompt_alone(settings, arch):
+    """The same seeds: lossless writes ar's tokens at batch 1, 3 and 16 with refill (and with every
+    fixed draft count and 'auto'); each row is its prompt decoded alone with its seed; other seeds
+    give other answers."""
+    model = tiny_model(arch, vocab_size=128, seed=7)
+    prompts = random_prompts(9, seed=3)
+    seeds = [100 + 3 * i for i in range(len(prompts))]
+    ar = generate(model, prompts, "ar", 4, MASK, 24, eos_token_id=5, seed=seeds, **settings)
+    alone = [generate(model, p, "ar", 4, MASK, 24, eos_token_id=5, seed=[s], **settings)
+             for p, s in zip(prompts, seeds)]
+    assert [t for t, _ in ar] == [t for t, _ in alone]
+    for batch_size in (1, 3, 16):
+        for drafts in ("auto", 0, 1, 3):
+            ll = generate(model, prompts, "lossless", 4, MASK, 24, eos_token_id=5, seed=seeds,
+                          batch_size=batch_size, drafts=drafts, **settings)
+            assert [t for t, _ in ll] == [t for t, _ in ar], (batch_size, drafts)
+    other = generate(model, prompts, "ar", 4, MASK, 24, eos_token_id=5, seed=7, **settings)
+    assert sum(a[0] != b[0] for a, b in zip(other, ar)) >= len(prompts) - 1
+    assert len({tuple(t) for t, _ in ar}) == len(prompts)
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed():
+    model = tiny_model("qwen3", vocab_size=128)
+    prompts = random_prompts(4)
+    greedy = generate(model, prompts, "ar", 4, MASK, 16)
+    for seed in (0, 9):
+        assert generate(model, prompts, "ar", 4, MASK, 16, seed=seed, top_p=0.5) == greedy
+
+
+def test_block_and_adaptive_draft_with_the_same_noise():
+    """block and adaptive draw every offset with the noise of its position: with masks that copy
+    the clean stream, block's sampled answer is ar's, and a row's answer does not depend on its
+    batch."""
+    model = Scripted(mask_probs=[0.99, 0.99, 0.99])
+    prompt = list(range(1, 8))
+    for settings in SAMPLED:
+        ar = generate(model, prompt, "ar", 4, 63, 12, seed=[4], drafts=3, **settings)[0]
+        for mode in ("block", "adaptive", "lossless"):
+            assert generate(model, prompt, mode, 4, 63, 12, seed=[4], **settings)[0] == ar, mode
+
+
+def test_any_draft_schedule_stays_exact(monkeypatch):
+    """Lossless steps of any (k drafts, m masks per group), changing from step to step (so that k <
+    m too), give ar's tokens at batch 1, 8 and 64 with refill."""
+    model = tiny_model("llama", vocab_size=128, seed=11)
+    prompts = random_prompts(70, seed=4)
+    want = generate(model, prompts, "ar", 4, MASK, 20, eos_token_id=9, batch_size=64,
+                    temperature=0.8, top_p=0.9)
+
+    class Scripted_:
+        def __init__(self, D):
+            self.D, self.rng, self.calibrated = D, random.Random(0), range(1, 100)
+
+        def best(self, n):
+            return self.rng.randrange(self.D + 1)
+
+        def observe(self, tokens, seconds):
+            pass
+
+        def score(self, drafts, written):
+            pass
+
+    monkeypatch.setattr(sample, "draft_policy", lambda model, D, fixed: Scripted_(D))
+    for batch_size in (1, 8, 64):
+        got = generate(model, prompts, "lossless", 4, MASK, 20, eos_token_id=9, drafts="auto",
+                       batch_size=batch_size, temperature=0.8, top_p=0.9)
+        assert [t for t, _ in got] == [t for t, _ in want], batch_size
+        shapes = Counter(s for _, stats in got for s in stats["shapes"])
+        assert len(shapes) >= 5 and any(k < m for k, m in (map(int, s.split(",")) for s in shapes))
+
+
+def test_the_draft_policy_weighs_acceptance_against_cost():
+    policy = sample.DraftPolicy(3)
+    policy.points = [(64, 1.0), (256, 4.0), (640, 10.0), (1024, 16.0)]  # compute-bound: linear
+    for _ in range(100):
+        policy.score([1, 2, 3], [1, 2, 3])  # every draft right: 4 tokens per step
+    assert policy.best(64) == 0  # 4 tokens for 16x the cost: ar wins
+    policy.points = [(1, 1.0), (16, 1.2)]  # a GPU at batch 1: queries nearly free
+    assert policy.best(1) == 3
+    bad = sample.DraftPolicy(3)
+    bad.points = policy.points
+    for _ in range(100):
+        bad.score([1, 2, 3], [9, 9, 9])  # drafts never right
+    assert bad.best(1) == 0
+
+
+def test_pass_at_k_and_majority_vote():
+    assert sample.pass_at_k(4, 0, 4) == 0 and sample.pass_at_k(4, 1, 4) == 1
+    assert sample.pass_at_k(4, 1, 1) == 0.25 and abs(sample.pass_at_k(5, 2, 2) - 0.7) < 1e-12
+    right = "The answer is 12."
+    assert sample.majority_correct(["The answer is 12.", "The answer is 11.", "#### 12"], right)
+    assert not sample.majority_correct(["The answer is 11.", "The answer is 11.", "12"], right)
+    assert not sample.majority_correct(["no answer"], right)
 
 
 def test_extract_and_compare_answers():
@@ -359,6 +544,7 @@ def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
             "--num_samples=0",
             "--scenario=ar,lossless",
             "--max_new_tokens=40",
+            "--drafts=3",  # forwards that do not depend on the measured cost
             f"--batch_size={batch_size}",
             f"--summary_json={tmp_path}/{batch_size}.json",
         )
@@ -386,6 +572,7 @@ def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
         "--num_samples=5",
         "--scenario=ar,block_tf,lossless",
         "--max_new_tokens=40",
+        "--drafts=3",
         f"--summary_json={tmp_path}/two.json",
     ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -394,7 +581,7 @@ def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
     assert p.stdout.count("scenario  samples") == 1  # rank 0 prints the one summary
     one = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data_files={trained_demo['test']}",
                      "--num_samples=5", "--scenario=ar,block_tf,lossless", "--max_new_tokens=40",
-                     f"--summary_json={tmp_path}/one.json")
+                     "--drafts=3", f"--summary_json={tmp_path}/one.json")
     assert one.returncode == 0, one.stderr
     two, one = (json.load(open(tmp_path / f"{n}.json"))["scenarios"] for n in ("two", "one"))
     for name in ("ar", "block_tf", "lossless"):
@@ -431,7 +618,7 @@ def test_cli_bad_input(tmp_path, trained_demo):
         and "bad.parquet row 0: column 'prompt' message 0 has empty content" in p.stderr
     )
     # a plain Hugging Face model without a mask token: block scenarios refused, ar and tf still run
-    from model import demo_tokenizer
+    from demo import demo_tokenizer
     plain = tiny_model(vocab_size=128)
     plain.save_pretrained(tmp_path / "plain")
     demo_tokenizer().save_pretrained(tmp_path / "plain")
