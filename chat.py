@@ -100,7 +100,7 @@ def _clean(value):
     return value
 
 
-def check_messages(value, where, column, allow_empty_list=False):
+def check_messages(value, where, column):
     """A cell as a list of messages; a plain string becomes one user message.
     Raises UserError naming the row."""
     if isinstance(value, str):
@@ -191,6 +191,10 @@ def rows_of_table(table, path, row0, prompt_key, response_key, messages_key, too
         for row, (value, tool) in enumerate(zip(table.column(messages_key).to_pylist(),
                                                 tools), row0):
             where = f"{path} row {row}"
+            if isinstance(value, str):  # a whole conversation has roles: a string has none
+                raise UserError(f"{where}: column {messages_key!r} must be a list of {{role, "
+                                "content}} messages, got a string (a prompt belongs in "
+                                f"{prompt_key!r})")
             messages = check_messages(value, where, messages_key)
             if require_target and not any(m["role"] == "assistant" for m in messages):
                 raise UserError(f"{where}: column {messages_key!r} "

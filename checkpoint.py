@@ -49,7 +49,7 @@ import lora
 from chat import load_tokenizer
 from common import all_gather, all_true, barrier, dist_info, file_crc32, print0
 from configurator import UserError, first_line
-from model import from_pretrained, unwrap
+from model import from_pretrained, tensor_parallelize, unwrap
 
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # 1 process: expected
@@ -556,12 +556,14 @@ def resume(out_dir, model, optimizer, device):
 # -------------------------------------------------------------------------------------------------
 # reading a checkpoint for decoding
 
-def load_for_decoding(path, device):
+def load_for_decoding(path, device, tp_mesh=None):
     """(model in fp32 on device, in eval mode, tokenizer, its folder) for sample.py and bench.py,
-    with its gated adapter when it has one. fp32 whatever the export's dtype: lossless == ar exactly
-    needs it."""
+    with its gated adapter when it has one, sharded over tp_mesh when given (tensor parallel). fp32
+    whatever the export's dtype: lossless == ar exactly needs it."""
     folder = find_hf_folder(path)
     tokenizer = load_tokenizer(folder)
-    model = from_pretrained(folder)
+    model = from_pretrained(folder).to(device)
+    if tp_mesh is not None:
+        tensor_parallelize(model, tp_mesh)
     lora.load_adapter(model, folder)  # a gated-LoRA run's adapter, on for mask positions only
-    return model.to(device).eval(), tokenizer, folder
+    return model.eval(), tokenizer, folder

@@ -65,6 +65,17 @@ def compute_init(device="auto"):
     return rank, local_rank, world, dev
 
 
+def device_mesh(device, tensor_parallel):
+    """The run's 2-D mesh of ranks, ("dp", "tp"): tensor_parallel ranks (neighbours, inside a node)
+    shard each layer, the groups of them shard by FSDP. None on one process."""
+    if not dist.is_initialized():
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    world = dist.get_world_size()
+    return init_device_mesh(device.type, (world // tensor_parallel, tensor_parallel),
+                            mesh_dim_names=("dp", "tp"))
+
+
 def compute_cleanup():
     """Leave the process group; under torchrun, end the process here with os._exit(0). gloo's worker
     threads can still hold work objects while the interpreter tears itself down, which aborts a

@@ -57,6 +57,9 @@ def _print_user_errors(kind, value, tb):
         os._exit(1)
 
 
+sys.excepthook = _print_user_errors  # from the first import on: Ctrl-C while torch loads is one line
+
+
 def config_keys(g):
     return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
 
@@ -140,7 +143,6 @@ def _run_config_file(path, g, keys):
 def configure(g, argv=None):
     """Apply config files and --key=value overrides (argv, default sys.argv[1:]) to the
     globals dict g. Returns the config: {key: value}."""
-    sys.excepthook = _print_user_errors
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(g)
     master = int(os.environ.get("RANK", 0)) == 0
@@ -218,9 +220,18 @@ def check_train(c, world):
             raise UserError(f"block_offset={c['block_offset']!r}: expected 'random' or an "
                             "int") from None
         between("block_offset", offset, 0, c["block_size"] - 1)
-    if c["gradient_accumulation_steps"] % world:
+    tp = at_least("tensor_parallel", c["tensor_parallel"], 1)
+    if world % tp:
+        raise UserError(f"tensor_parallel={tp} must divide the {world} ranks (world = data "
+                        "parallel x tensor parallel)")
+    if tp > 1 and c["parallel"] == "ddp":
+        raise UserError(f"tensor_parallel={tp} needs parallel='fsdp' (DDP keeps whole copies of "
+                        "the weights)")
+    dp = world // tp
+    if c["gradient_accumulation_steps"] % dp:
+        ranks = f"{dp} data-parallel ranks" if tp > 1 else f"{world} ranks"
         raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be "
-                        f"divisible by the {world} ranks (it counts micro-batches over all ranks)")
+                        f"divisible by the {ranks} (it counts micro-batches over all of them)")
     if c["init_from"] == "demo" and (c["n_embd"] % c["n_head"] or (c["n_embd"] // c["n_head"]) % 2):
         raise UserError(f"n_embd={c['n_embd']} / n_head={c['n_head']}: the head size must be an "
                         "even whole number (RoPE)")

@@ -9,11 +9,13 @@ tokens never attend to mask tokens, so with the adapters gated off at clean posi
 stream is the base model, bit for bit: `ar` decoding gives the base model's greedy output, and
 `lossless` gives it too, in fewer forwards.
 
-The adapters hang on the base modules (forward hooks; their weights are submodules
-named lora_A, lora_B), so the base weights keep their names: a checkpoint's
-huggingface/ folder holds the base model unchanged, which AutoModelForCausalLM loads as
-the plain base model, plus next_block_adapter.safetensors and, in config.json,
-next_block_adapter = {file, rank, alpha, targets}.
+The adapters hang on the base modules (forward hooks; their weights are submodules named lora_A,
+lora_B), so the base weights keep their names: a checkpoint's huggingface/ folder holds the base
+model unchanged, which AutoModelForCausalLM loads as the plain base model, plus
+next_block_adapter.safetensors and, in config.json, next_block_adapter = {file, rank, alpha,
+targets}. On a tensor-parallel layer (attached after model.tensor_parallelize) an adapter is
+sharded as its layer is: B by output rows where the layer is column-wise, A by input columns where
+it is row-wise.
 """
 
 import math
@@ -22,6 +24,9 @@ import os
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                               parallelize_module)
 
 from configurator import UserError
 from model import decoder_layers
@@ -40,7 +45,8 @@ def _gated(gate, scale):
     def hook(module, args, output):
         if gate.mask is None:
             return output
-        delta = module.lora_B(module.lora_A(args[0])) * scale
+        x = args[0].to_local() if isinstance(args[0], DTensor) else args[0]  # tensor parallel
+        delta = module.lora_B(module.lora_A(x)) * scale
         return torch.where(gate.mask[..., None], output + delta.to(output.dtype), output)
 
     return hook
@@ -74,6 +80,11 @@ def add_adapters(model, rank, alpha, targets=DEFAULT_TARGETS):
                                           dtype=module.weight.dtype, device=module.weight.device)
                 nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
                 nn.init.zeros_(module.lora_B.weight)
+                if isinstance(module.weight, DTensor):  # a tensor-parallel layer: shard alike
+                    column_wise = module.weight.placements[0] == Shard(0)
+                    parallelize_module(module.lora_B if column_wise else module.lora_A,
+                                       module.weight.device_mesh,
+                                       ColwiseParallel() if column_wise else RowwiseParallel())
                 module.register_forward_hook(_gated(gate, scale))
                 adapted += 1
     if not adapted:
@@ -115,10 +126,22 @@ def load_adapter(model, folder):
         raise UserError(f"{folder}: config.json names an adapter, but {settings['file']} "
                         "is not there")
     add_adapters(model, settings["rank"], settings["alpha"], settings["targets"])
-    missing, unexpected = model.load_state_dict(
-        load_file(path, device=str(next(model.parameters()).device)), strict=False)
-    if unexpected or [k for k in missing if is_adapter_key(k)]:
-        raise UserError(f"{path}: does not fit this model (unexpected {unexpected[:2]}, missing "
-                        f"{[k for k in missing if is_adapter_key(k)][:2]})")
+    weights = load_file(path)
+    params = dict(model.named_parameters())
+    wanted = {k for k in params if is_adapter_key(k)}
+    if set(weights) != wanted:
+        raise UserError(f"{path}: does not fit this model (unexpected "
+                        f"{sorted(set(weights) - wanted)[:2]}, missing "
+                        f"{sorted(wanted - set(weights))[:2]})")
+    with torch.no_grad():
+        for key, value in weights.items():
+            p = params[key]
+            if isinstance(p, DTensor):  # tensor parallel: this rank's shard
+                value = distribute_tensor(value, p.device_mesh, p.placements).to_local()
+                p = p.to_local()
+            if p.shape != value.shape:
+                raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the model's "
+                                f"{tuple(p.shape)}")
+            p.copy_(value)
     model.requires_grad_(False)
     return True

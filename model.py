@@ -6,7 +6,8 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
   forward_losses   per-token cross-entropy and argmax at supervised positions, logits in chunks;
                    block_metrics scores the argmax per block offset (acc@k, tpf_tf)
   parallelize      DDP, or FSDP2 (fully_shard per decoder layer, then the root with the tied
-                   embeddings)
+                   embeddings); tensor_parallelize shards each decoder layer first (TP, the
+                   model's own plan), for a 2-D mesh of FSDP x TP
   peak_flops       what MFU is measured against
 (The tokenizer and the mask token are chat.py's; the checkpoint format is checkpoint.py's.)
 """
@@ -14,11 +15,15 @@ model.py: the model side of next-block training, for any Hugging Face causal LM.
 import inspect
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                               parallelize_module)
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from common import all_true
@@ -65,12 +70,22 @@ def from_pretrained(folder, attention="sdpa"):
         raise UserError(f"{folder}: cannot load the model ({first_line(e)})") from None
 
 
+def load_config(init_from, demo_overrides=None):
+    """The model's config, without its weights (cheap: for the checks before anything slow)."""
+    if init_from == "demo":
+        return demo_config(**(demo_overrides or {}))
+    try:
+        return AutoConfig.from_pretrained(init_from)
+    except Exception as e:  # an unknown model type, a damaged config.json: the reason, in one line
+        raise UserError(f"{init_from}: cannot read its config.json ({first_line(e)})") from None
+
+
 def load_model(init_from, mask_id, new_mask, device="cpu", attention="auto", demo_overrides=None):
     """The model in fp32 on device (init_from: a local HF folder, or 'demo'), its mask token's row
     ready."""
     backend = attention_backend(attention, device)
     if init_from == "demo":
-        model = AutoModelForCausalLM.from_config(demo_config(**(demo_overrides or {})),
+        model = AutoModelForCausalLM.from_config(load_config(init_from, demo_overrides),
                                                  attn_implementation=backend, dtype=torch.float32)
     else:
         model = from_pretrained(init_from, backend)
@@ -192,32 +207,106 @@ def unwrap(model):
 
 
 def decoder_layers(model):
+    """The model's decoder layers (its _no_split_modules), also once FSDP2 has renamed their
+    class."""
     names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
-    return [m for m in unwrap(model).modules() if type(m).__name__ in names]
+    return [m for m in unwrap(model).modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
-def parallelize(model, parallel, device, param_dtype, world_size):
-    """DDP, or FSDP2 (each decoder layer, then the root: the tied embedding and lm_head stay
-    together in the root group; params in param_dtype, gradients reduced in fp32). One process: the
-    model as it is."""
-    if world_size == 1:
+def parallelize(model, parallel, device, param_dtype, mesh):
+    """DDP, or FSDP2 over the mesh's "dp" ranks (each decoder layer, then the root: the tied
+    embedding and lm_head stay together in the root group; params in param_dtype, gradients reduced
+    in fp32). One process, or tensor parallel alone: the model as it is."""
+    if mesh is None or mesh["dp"].size() == 1:
         return model
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                        else None)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    dp = mesh["dp"] if mesh["tp"].size() > 1 else None  # 1-D: FSDP's own mesh of every rank
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=dp, mp_policy=policy)
+    fully_shard(model, mesh=dp, mp_policy=policy)
     return model
+
+
+# tensor parallel: the styles of Hugging Face's base_model_tp_plan that train.py applies
+TP_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tp_plan(config, tp):
+    """(plan for parallelize_module relative to a decoder layer, names of the modules whose weights
+    see the local heads only: their gradients are summed over the TP ranks) from the model's own
+    base_model_tp_plan; one line saying why when tp cannot shard this model."""
+    config = config.get_text_config()
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
+        raise UserError(f"tensor_parallel={tp}: model type {config.model_type!r} has no tensor "
+                        "parallel plan (config.base_model_tp_plan): use tensor_parallel=1")
+    styles, partial = {}, []
+    for key, style in plan.items():
+        name = key.split("layers.*.", 1)[-1]
+        if not key.startswith("layers.*."):  # embeddings and lm_head stay whole: always right
+            continue
+        if style in TP_STYLES:
+            styles[name] = TP_STYLES[style]
+        elif style == "replicated_with_grad_allreduce":
+            partial.append(name)
+        else:
+            raise UserError(f"tensor_parallel={tp}: {config.model_type}'s plan shards {key!r} as "
+                            f"{style!r}, which train.py does not apply: use tensor_parallel=1")
+    sizes = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+             "intermediate_size": getattr(config, "intermediate_size", None)}
+    for key, size in sizes.items():
+        if size is not None and size % tp:
+            raise UserError(f"tensor_parallel={tp} does not divide the model's {key}={size}: "
+                            "choose a tensor_parallel that does")
+    return styles, partial
+
+
+def tensor_parallelize(model, tp_mesh):
+    """Shard each decoder layer's attention and MLP projections over the TP ranks, by the model's
+    plan (ColwiseParallel on q/k/v/gate/up, RowwiseParallel on o/down): each rank holds its share of
+    the heads and of the MLP, and of their activations. Embeddings, norms and lm_head stay whole.
+    Adapters (lora.py) are attached after this, sharded alike."""
+    styles, partial = tp_plan(model.config, tp_mesh.size())
+    for layer in decoder_layers(model):
+        parallelize_module(layer, tp_mesh, {name: style() for name, style in styles.items()})
+    model.next_block_tp = (tp_mesh, partial)  # what sum_partial_grads needs
+    return model
+
+
+def sum_partial_grads(model):
+    """Sum over the TP ranks the gradients of weights that see the local heads only (Qwen3's q_norm
+    and k_norm): each rank holds a part of their sum. Call after the last backward of a step."""
+    tp_mesh, partial = getattr(unwrap(model), "next_block_tp", (None, []))
+    for layer in decoder_layers(model) if partial else []:
+        for name in partial:
+            for p in layer.get_submodule(name).parameters():
+                if p.grad is not None:
+                    grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                    dist.all_reduce(grad, group=tp_mesh.get_group())
 
 
 def clip_grads(model, max_norm):
     """Clip the global gradient norm to max_norm (0: no clipping); returns the norm before
-    clipping, as a float (nan or inf when a gradient is not finite)."""
+    clipping, as a float (nan or inf when a gradient is not finite). Gradients that live on
+    different meshes (FSDP x TP, FSDP alone) are normed on their own mesh, then combined."""
     limit = max_norm if max_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    params = [p for p in model.parameters() if p.grad is not None]
+    meshes = {}
+    for p in params:
+        meshes.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    if len(meshes) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in meshes.values()]
+    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n
+                                                 for n in norms]))
+    for group in meshes.values():
+        torch.nn.utils.clip_grads_with_norm_(group, limit, norm)
+    return norm.item()
 
 
 def all_finite(model, device):

@@ -28,6 +28,8 @@ In Python:
     for tokens, stats in results: ...  # stats: {"tokens", "forwards", ...}
 """
 
+# configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
+from configurator import UserError, at_least, between, configure, one_of
 import json
 import math
 import os
@@ -41,16 +43,17 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import chat
 import data
 from checkpoint import find_hf_folder, load_for_decoding
-from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, print0,
-                    to_device)
-from configurator import UserError, at_least, between, configure, one_of
+from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, device_mesh,
+                    print0, to_device)
 from mask import dense_mask, make_mask_mod
-from model import block_metrics, cache_kwarg, set_gate, summarize_metrics
+from model import (block_metrics, cache_kwarg, load_config, set_gate, summarize_metrics,
+                   tp_plan)
 from store import expand_files
 
 # -------------------------------------------------------------------------------------------------
@@ -91,6 +94,8 @@ summary_json = ""                # also write the summary numbers to this JSON f
 write_parquet = ""               # write each prompt with each finished answer as a training row
 device = "auto"                  # 'auto', 'cpu', 'cuda'
 dtype = "float32"                # 'float32' (lossless == ar exactly) or 'bfloat16'
+tensor_parallel = 1              # under torchrun: ranks sharding the model (TP); each group of them
+#                                  decodes its share of the answers
 # -------------------------------------------------------------------------------------------------
 SCENARIOS = ("ar", "tf", "block", "block_tf", "adaptive", "lossless")
 MODES = ("ar", "block", "adaptive", "lossless")
@@ -440,6 +445,16 @@ class Decoder:
         self.slots = [None] * rows  # the Row in each cache row
         self.fn = compiled_forward(model) if fixed else model_forward
         self.shapes = {}
+        self.tp_mesh = getattr(model, "next_block_tp", (None,))[0]  # tensor parallel: a group
+
+    def agree(self, m):
+        """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice."""
+        if self.tp_mesh is None or self.policy is None:
+            return m
+        group = self.tp_mesh.get_group()
+        choice = torch.tensor([m], device=self.device)
+        dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
+        return int(choice.item())
 
     def shape(self, k, m):
         if (k, m) not in self.shapes:
@@ -515,7 +530,7 @@ class Decoder:
         live = [r is not None and not r.done for r in rows]
         k = m = 0
         if self.mode == "lossless":
-            m = self.drafts if self.policy is None else self.policy.best(len(rows))
+            m = self.agree(self.drafts if self.policy is None else self.policy.best(len(rows)))
             k = min(m, min(len(r.drafts) for r in busy))
         n, Q, dev = len(rows), queries(k, m), self.device
         slots = torch.tensor([r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))],
@@ -947,9 +962,17 @@ if __name__ == "__main__":
     drafts = drafts if drafts == "auto" else int(drafts) if str(drafts).isdigit() else drafts
     check_output("summary_json", summary_json)
     check_output("write_parquet", write_parquet)
-    rank, _, world, dev = compute_init(device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if at_least("tensor_parallel", tensor_parallel, 1) > 1 and world % tensor_parallel:
+        raise UserError(f"tensor_parallel={tensor_parallel} must divide the {world} ranks "
+                        "(torchrun --nproc_per_node)")
     path = find_hf_folder(ckpt or out_dir)
-    model, tokenizer, _ = load_for_decoding(path, dev)
+    if tensor_parallel > 1:
+        tp_plan(load_config(path), tensor_parallel)  # the model's plan and sizes, before loading
+    rank, _, world, dev = compute_init(device)
+    mesh = device_mesh(dev, tensor_parallel)
+    dp, dp_rank = world // tensor_parallel, mesh["dp"].get_local_rank() if mesh else 0
+    model, tokenizer, _ = load_for_decoding(path, dev, mesh["tp"] if tensor_parallel > 1 else None)
     model = model.to(getattr(torch, dtype))
     mask_id = getattr(model.config, "mask_token_id", None)
     trained = getattr(model.config, "next_block_size", None)
@@ -969,13 +992,14 @@ if __name__ == "__main__":
         getattr(model.config, "chat_template_kwargs", None) or {}
     conversation = chat.Chat(tokenizer, options, prompt_format)
     samples, eos = read_prompts(conversation, path), conversation.stop_ids()
-    mine = list(range(rank, len(samples) * k, world))  # each rank decodes its share of the answers
+    mine = list(range(dp_rank, len(samples) * k, dp))  # each group decodes its share of the answers
     use_color = sys.stdout.isatty() if color is None else color
     how = "greedy" if sampling.temperature == 0 else ", ".join(f"{f} {v}" for f, v in zip(
         sampling._fields, sampling))
     print0(f"checkpoint {path} | block_size {B} | mask token {mask_id} | {len(samples)} prompts x "
            f"{k} | {how} | batch_size {batch_size} | device {dev}"
-           + (f" x {world} ranks" if world > 1 else ""))
+           + (f" x {world} ranks" if world > 1 else "")
+           + (f" (tensor parallel {tensor_parallel})" if tensor_parallel > 1 else ""))
     if k > 1 and sampling.temperature == 0:
         print0(f"note: greedy decoding gives the same answer {k} times (set temperature)")
 
@@ -983,13 +1007,13 @@ if __name__ == "__main__":
     for name in wanted:
         t0, counts, results = time.time(), None, {}
         if name in ("tf", "block_tf"):
-            for i in range(rank, len(samples), world):
+            for i in range(dp_rank, len(samples), dp):
                 if samples[i][2] is not None:
                     c = teacher_forced(model, *samples[i][2], 1 if name == "tf" else B, mask_id)
                     counts = c if counts is None else counts + c
                     results[i] = (sum(e - s for s, e in samples[i][2][1]), 1)
         else:
-            trace = [] if 0 in mine else None
+            trace = [] if rank == 0 else None
             decoded = generate(model, [samples[j // k][1] for j in mine], name, max_new_tokens,
                                block_size=B, mask_token_id=mask_id, eos_token_id=eos,
                                batch_size=batch_size, threshold=threshold, drafts=drafts,
@@ -1006,8 +1030,9 @@ if __name__ == "__main__":
                 print(show(tokenizer, trace, use_color, verbose), flush=True)
         wall = max(all_gather(time.time() - t0))
         merged = {i: r for part in all_gather(results) for i, r in part.items()}
-        summary[name] = summary_row(name, merged, wall, [c for c in all_gather(counts)
-                                                         if c is not None], samples, k, B)
+        counts = [c for c, r in zip(all_gather(counts), range(world)) if c is not None and
+                  r % tensor_parallel == 0]  # a group's ranks counted the same
+        summary[name] = summary_row(name, merged, wall, counts, samples, k, B)
         if name in MODES:
             outputs[name] = merged
     for name, row in summary.items():

@@ -11,6 +11,8 @@ Next-block SFT of a Hugging Face causal LM: one flat loop, config as module glob
 Re-running the same command resumes from the newest complete checkpoint in out_dir (resume='auto').
 SIGTERM or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C twice: abort).
 """
+# configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
+from configurator import UserError, check_train, configure, first_line
 import json
 import math
 import os
@@ -27,13 +29,13 @@ import chat
 import checkpoint
 import data
 import lora
-from common import (all_sum, barrier, compute_cleanup, compute_init, dist_info, print0,
-                    resolve_dtype, to_device)
-from configurator import UserError, check_train, configure, first_line
+from common import (all_sum, barrier, compute_cleanup, compute_init, device_mesh, dist_info,
+                    print0, resolve_dtype, to_device)
 from demo import write_demo_data
 from model import (all_finite, attention_backend, block_metrics, clip_grads, decoder_layers,
-                   flops_per_token, forward_losses, load_model, parallelize, peak_flops,
-                   set_grad_sync, summarize_metrics)
+                   flops_per_token, forward_losses, load_config, load_model, parallelize,
+                   peak_flops, set_grad_sync, sum_partial_grads, summarize_metrics,
+                   tensor_parallelize, tp_plan)
 from store import Store, load_store
 
 # -------------------------------------------------------------------------------------------------
@@ -99,21 +101,30 @@ dtype = "auto"                   # 'auto' (bfloat16 on CUDA, else float32), 'bfl
 compile = False                  # torch.compile each decoder layer
 attention = "auto"               # 'auto' (flex on CUDA, else sdpa), 'flex' (BlockMask), 'sdpa'
 parallel = "fsdp"                # with several ranks: 'fsdp' (FSDP2) or 'ddp'
+tensor_parallel = 1              # ranks (of a node) sharding each layer: TP x FSDP on a 2-D mesh
+#                                  [model.tensor_parallel_size]
 seed = 1337                      # model init (demo), data order, block offsets
 # -------------------------------------------------------------------------------------------------
 config = configure(globals())
 check_train(config, dist_info()[2])  # every value, before anything slow happens
 block_offset = block_offset if block_offset == "random" else int(block_offset)
+demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
+if tensor_parallel > 1:  # the model's plan and sizes
+    tp_plan(load_config(init_from, demo_overrides), tensor_parallel)
 
 # this process, and the out_dir it owns
 rank, local_rank, world, device = compute_init(device)
 master = rank == 0
 ptdtype = resolve_dtype(dtype, device)
 attn_impl = attention_backend(attention, device, training=True)
-micro_steps = gradient_accumulation_steps // world
+mesh = device_mesh(device, tensor_parallel)
+dp, tp = world // tensor_parallel, tensor_parallel  # the ranks of a TP group read the same data
+dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+micro_steps = gradient_accumulation_steps // dp
 torch.manual_seed(seed)
-print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}) | device "
-       f"{device} | dtype {str(ptdtype)[6:]} | out_dir {out_dir}")
+layout_text = f" x tensor parallel {tp}" if tp > 1 else ""
+print0(f"train.py | world {world} ({parallel if world > 1 else 'single process'}{layout_text}) | "
+       f"device {device} | dtype {str(ptdtype)[6:]} | out_dir {out_dir}")
 run_id = uuid.uuid4().hex[:8]
 compared = ["init_from", "block_size", "seed", "finetune"]  # what a resumed run must keep
 compared += ["n_layer", "n_embd", "n_head"] if init_from == "demo" else []
@@ -148,7 +159,7 @@ if not len(train_samples):
                     f"max_length={max_length}")
 pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile
 batches = data.Batches(train_samples, batch_size, micro_steps, max_length, block_size,
-                       mask_token_id, layout, block_offset, seed, rank, world,
+                       mask_token_id, layout, block_offset, seed, dp_rank, dp,
                        pad_multiple=pad_multiple, pad_id=mask_token_id, batch_tokens=batch_tokens)
 total_steps = max_steps or epochs * batches.steps_per_epoch
 found = f"built in {built:.1f} s" if built is not None else "found"
@@ -159,7 +170,7 @@ print0(f"data: {len(train_samples)} train samples, {int(train_samples.clean_leng
 per_micro = (f"micro-batches of {batch_tokens} tokens ({batches.rows} rows x {batches.row_length}"
              if batch_tokens else f"samples ({batch_size} per micro-batch")
 count = gradient_accumulation_steps if batch_tokens else batch_size * gradient_accumulation_steps
-print0(f"steps: {total_steps} of {count} {per_micro} x {micro_steps} micro-steps x {world} ranks); "
+print0(f"steps: {total_steps} of {count} {per_micro} x {micro_steps} micro-steps x {dp} ranks); "
        f"{batches.steps_per_epoch} steps per epoch")
 if data_only:
     print0(f"data_only: the stores are in {cache}; launch without data_only to train")
@@ -168,8 +179,9 @@ if data_only:
 
 # the model and its optimizer
 torch.manual_seed(seed)
-demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
 model = load_model(init_from, mask_token_id, new_mask, device, attention, demo_overrides)
+if tp > 1:
+    tensor_parallelize(model, mesh["tp"])
 model.config.next_block_size = block_size  # exported with the model: sample.py decodes with these
 model.config.chat_template_kwargs = chat_template_kwargs
 if finetune == "gated_lora":
@@ -184,7 +196,7 @@ if compile:
         layer.compile()
 n_params = sum(p.numel() for name, p in model.named_parameters() if not lora.is_adapter_key(name))
 flops_token = flops_per_token(model, max_length)
-model = parallelize(model, parallel, device, ptdtype, world)
+model = parallelize(model, parallel, device, ptdtype, mesh)
 autocast = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -228,7 +240,7 @@ def evaluate():
     sums = torch.zeros(4, dtype=torch.float64)
     counts = torch.zeros(2 * block_size + 2, dtype=torch.float64)
     for batch in data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id,
-                                   layout, rank, world, pad_multiple, mask_token_id):
+                                   layout, dp_rank, dp, pad_multiple, mask_token_id):
         batch = to_device(batch, device)
         with autocast:
             losses, preds, is_mask = forward_losses(model, batch)
@@ -238,7 +250,7 @@ def evaluate():
         full_pred = batch["labels"].clone()
         full_pred[batch["labels"] != -100] = preds
         counts += block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
-    sums, counts = all_sum(sums.to(device)).cpu(), all_sum(counts.to(device)).cpu()
+    sums, counts = all_sum(sums.to(device)).cpu() / tp, all_sum(counts.to(device)).cpu() / tp
     model.train()
     return {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
             "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item(),
@@ -337,7 +349,7 @@ while step < total_steps:
     # the loss is a sum over every supervised position of this step on every rank, divided by their
     # number: accumulation and world size never change the math (docs/design.md, The loss)
     labelled = sum((b["labels"] != -100).sum() for b in micro)
-    supervised = all_sum(torch.tensor(float(labelled), device=device))
+    supervised = all_sum(torch.tensor(float(labelled), device=device)) / tp
     sums = dict.fromkeys(("loss", "loss_ar", "n_ar", "loss_mask", "n_mask", "clean", "tokens"), 0)
     for k, batch in enumerate(micro):
         set_grad_sync(model, k == len(micro) - 1)
@@ -345,18 +357,19 @@ while step < total_steps:
         with autocast:
             losses, _, is_mask = forward_losses(model, batch)
         weighted = (losses * torch.where(is_mask, mask_loss_weight, 1.0)).sum()
-        # x world: DDP and FSDP average gradients over ranks, and this loss is already global
-        (weighted * (world / supervised)).backward()
+        # x dp: DDP and FSDP average gradients over ranks, and this loss is already global
+        (weighted * (dp / supervised)).backward()
         real = batch["doc_ids"] >= 0
         for key, value in (("loss", weighted), ("loss_ar", losses[~is_mask].sum()),
                            ("n_ar", (~is_mask).sum()), ("loss_mask", losses[is_mask].sum()),
                            ("n_mask", is_mask.sum()), ("clean", (real & ~batch["is_mask"]).sum()),
                            ("tokens", real.sum())):
             sums[key] = sums[key] + value.detach().double()
-    sums["stop"] = float(stop_requested is not None)  # every rank learns of a signal any rank got
-    sums = dict(zip(sums, all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64,
-                                                               device=device)
-                                               for v in sums.values()])).tolist()))
+    sum_partial_grads(model)
+    sums = {k: torch.as_tensor(v, dtype=torch.float64, device=device) / tp for k, v in sums.items()}
+    sums["stop"] = torch.tensor(float(stop_requested is not None), dtype=torch.float64,
+                                device=device)  # every rank learns of a signal any rank got
+    sums = dict(zip(sums, all_sum(torch.stack(list(sums.values()))).tolist()))
     loss_value = sums["loss"] / supervised.item()
     grad_norm = clip_grads(model, grad_clip)
     if math.isfinite(loss_value) and math.isfinite(grad_norm):
