@@ -193,7 +193,7 @@ def rows_of_table(table, path, row0, prompt_key, response_key, messages_key, too
             where = f"{path} row {row}"
             if isinstance(value, str):  # a whole conversation has roles: a string has none
                 raise UserError(f"{where}: column {messages_key!r} must be a list of {{role, "
-                                "content}} messages, got a string (a prompt belongs in "
+                                "content} messages, got a string (a prompt belongs in "
                                 f"{prompt_key!r})")
             messages = check_messages(value, where, messages_key)
             if require_target and not any(m["role"] == "assistant" for m in messages):

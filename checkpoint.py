@@ -455,18 +455,24 @@ class _MetadataUnpickler(pickle.Unpickler):
                       "classes may be loaded)")
 
 
+def read_metadata(folder, name=".metadata"):
+    """DCP's metadata of a state folder, read by _MetadataUnpickler; Corrupt when it holds anything
+    else, or entries that are not tensors."""
+    with open(os.path.join(folder, name), "rb") as f:
+        metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+    kinds = {type(m).__name__ for m in getattr(metadata, "state_dict_metadata", {}).values()}
+    if type(metadata).__name__ != "Metadata" or kinds - {"TensorStorageMetadata"}:
+        raise Corrupt("state/.metadata holds entries that are not tensors: refused")
+    return metadata
+
+
 class _SafeReader(dcp.FileSystemReader):
-    """DCP's file reader, with its metadata read by _MetadataUnpickler and only tensor entries in
-    it."""
+    """DCP's file reader, its metadata read by read_metadata."""
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
-        with open(os.path.join(str(self.path), name), "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        kinds = {type(m).__name__ for m in metadata.state_dict_metadata.values()}
-        if kinds - {"TensorStorageMetadata"}:
-            raise Corrupt("state/.metadata holds entries that are not tensors")
+        metadata = read_metadata(str(self.path), ".metadata" if rank is None
+                                 else f"__{rank}.metadata")
         if getattr(metadata, "storage_meta", None) is None and hasattr(metadata, "storage_meta"):
             from torch.distributed.checkpoint.metadata import StorageMeta
             metadata.storage_meta = StorageMeta()
@@ -491,6 +497,7 @@ def load(path, model, optimizer, device):
     problem = verify(path, sidecar.get("files", {}))
     if problem:
         raise Corrupt(problem)
+    read_metadata(os.path.join(path, "state"))  # refused here, before DCP reads anything
     state, groups = _state(model, optimizer)
     dcp.load(state, storage_reader=_SafeReader(os.path.join(path, "state")),
              planner=_TensorsOnlyPlanner())

@@ -26,6 +26,7 @@ anything slow happens, so a typo costs nothing.
 import ast
 import difflib
 import os
+import re
 import sys
 import traceback
 
@@ -244,3 +245,54 @@ def check_train(c, world):
     if c["batch_tokens"] and c["batch_tokens"] < c["block_size"] + 1:
         raise UserError(f"batch_tokens={c['batch_tokens']}: a micro-batch must hold a prompt and a "
                         "block")
+
+
+def check_sample(c, world):
+    """The settings of sample.py (c: its config) that need no model, checked before anything slow
+    (the sampling values and drafts, which the checkpoint completes, are checked next to it)."""
+    for s in ([c["scenario"]] if c["scenario"] == "all" else c["scenario"].split(",")):
+        one_of("scenario", s.strip(), ("all", "ar", "tf", "block", "block_tf", "adaptive",
+                                       "lossless"))
+    for key, low in (("num_samples", 0), ("max_new_tokens", 1), ("batch_size", 1),
+                     ("block_size", 0), ("samples_per_prompt", 1), ("tensor_parallel", 1)):
+        at_least(key, c[key], low)
+    between("threshold", c["threshold"], 0.0, 1.0)
+    one_of("dtype", c["dtype"], ("float32", "bfloat16"))
+    one_of("color", c["color"], (None, True, False))
+    if c["chat_template_kwargs"] is not None and not isinstance(c["chat_template_kwargs"], dict):
+        raise UserError(f"chat_template_kwargs={c['chat_template_kwargs']!r}: expected a dict of "
+                        "template options, e.g. \"{'enable_thinking': True}\"")
+    if c["prompt_format"] is not None and "{prompt}" not in str(c["prompt_format"]):
+        raise UserError(f"prompt_format={c['prompt_format']!r}: expected a str with a {{prompt}} "
+                        "field")
+    try:
+        groups = re.compile(c["answer_regex"]).groups
+    except re.error as e:
+        raise UserError(f"answer_regex={c['answer_regex']!r} is not a regular expression "
+                        f"({e})") from None
+    if c["answer_regex"] and groups < 1:
+        raise UserError(f"answer_regex={c['answer_regex']!r} needs a group: the answer is group 1")
+    if world % c["tensor_parallel"]:
+        raise UserError(f"tensor_parallel={c['tensor_parallel']} must divide the {world} ranks "
+                        "(torchrun --nproc_per_node)")
+    for key in ("summary_json", "write_parquet"):
+        check_output(key, c[key])
+
+
+def check_output(key, path):
+    """A file a script writes at its end, checked before it starts: its folder exists, it is not a
+    folder, and a file can be created there."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{key}={path!r} is a folder: give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"{key}={path!r}: its folder does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise UserError(f"{key}={path!r} cannot be written: {e.strerror}") from None

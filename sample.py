@@ -29,7 +29,7 @@ In Python:
 """
 
 # configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
-from configurator import UserError, at_least, between, configure, one_of
+from configurator import UserError, at_least, check_sample, configure, one_of
 import json
 import math
 import os
@@ -50,7 +50,7 @@ import chat
 import data
 from checkpoint import find_hf_folder, load_for_decoding
 from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, device_mesh,
-                    print0, to_device)
+                    dist_info, print0, resolve_device, to_device)
 from mask import dense_mask, make_mask_mod
 from model import (block_metrics, cache_kwarg, load_config, set_gate, summarize_metrics,
                    tp_plan)
@@ -841,20 +841,6 @@ def table(rows):
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-def check_output(key, path):
-    """A file the run will write at its end, checked before any decoding: its folder exists, it is
-    not a folder, and it can be written."""
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{key}={path!r} is a folder: give a file name")
-    if not os.path.isdir(folder):
-        raise UserError(f"{key}={path!r}: its folder does not exist")
-    if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UserError(f"{key}={path!r} cannot be written (permissions)")
-
-
 def sampling_from(folder, temperature, top_k, top_p, min_p):
     """The Sampling the settings mean: 'auto' and None take the checkpoint's generation_config.json
     (as HF generate does: its values apply when it samples), greedy without one."""
@@ -939,43 +925,13 @@ def write_answers(path, samples, answers, k, opened):
 # -------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     config = configure(globals())
+    check_sample(config, dist_info()[2])  # every value, before anything slow happens
+    resolve_device(device)
     wanted = list(SCENARIOS) if scenario == "all" else [s.strip() for s in scenario.split(",")]
-    for s in wanted:
-        one_of("scenario", s, SCENARIOS)
-    for key, low in (("num_samples", 0), ("max_new_tokens", 1), ("batch_size", 1),
-                     ("block_size", 0), ("samples_per_prompt", 1)):
-        at_least(key, globals()[key], low)
-    between("threshold", threshold, 0.0, 1.0)
-    one_of("dtype", dtype, ("float32", "bfloat16"))
-    one_of("color", color, (None, True, False))
-    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-        raise UserError(f"chat_template_kwargs={chat_template_kwargs!r}: expected a dict of "
-                        "template options, e.g. \"{'enable_thinking': True}\"")
-    if prompt_format is not None and "{prompt}" not in str(prompt_format):
-        raise UserError(f"prompt_format={prompt_format!r}: expected a str with a {{prompt}} field")
-    try:
-        groups = re.compile(answer_regex).groups
-    except re.error as e:
-        raise UserError(f"answer_regex={answer_regex!r}: not a regular expression ({e})") from None
-    if answer_regex and groups < 1:
-        raise UserError(f"answer_regex={answer_regex!r} needs a group: the answer is group 1")
-    drafts = drafts if drafts == "auto" else int(drafts) if str(drafts).isdigit() else drafts
-    check_output("summary_json", summary_json)
-    check_output("write_parquet", write_parquet)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if at_least("tensor_parallel", tensor_parallel, 1) > 1 and world % tensor_parallel:
-        raise UserError(f"tensor_parallel={tensor_parallel} must divide the {world} ranks "
-                        "(torchrun --nproc_per_node)")
     path = find_hf_folder(ckpt or out_dir)
-    if tensor_parallel > 1:
-        tp_plan(load_config(path), tensor_parallel)  # the model's plan and sizes, before loading
-    rank, _, world, dev = compute_init(device)
-    mesh = device_mesh(dev, tensor_parallel)
-    dp, dp_rank = world // tensor_parallel, mesh["dp"].get_local_rank() if mesh else 0
-    model, tokenizer, _ = load_for_decoding(path, dev, mesh["tp"] if tensor_parallel > 1 else None)
-    model = model.to(getattr(torch, dtype))
-    mask_id = getattr(model.config, "mask_token_id", None)
-    trained = getattr(model.config, "next_block_size", None)
+    model_config = load_config(path)
+    mask_id = getattr(model_config, "mask_token_id", None)
+    trained = getattr(model_config, "next_block_size", None)
     if mask_id is None:
         blocky = [s for s in wanted if s not in ("ar", "tf")]
         if scenario != "all" and blocky:
@@ -987,7 +943,18 @@ if __name__ == "__main__":
         print0(f"warning: block_size={block_size} but the model was trained with {trained}: "
                f"using {trained}")
     B, k = trained or block_size or 4, samples_per_prompt
+    drafts = int(drafts) if str(drafts).isdigit() else drafts
+    if drafts != "auto" and not (isinstance(drafts, int) and drafts < B):
+        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
+                        "(block_size - 1)")
     sampling = sampling_from(path, temperature, top_k, top_p, min_p)
+    if tensor_parallel > 1:
+        tp_plan(model_config, tensor_parallel)  # the model's plan and sizes, before loading it
+    rank, _, world, dev = compute_init(device)
+    mesh = device_mesh(dev, tensor_parallel)
+    dp, dp_rank = world // tensor_parallel, mesh["dp"].get_local_rank() if mesh else 0
+    model, tokenizer, _ = load_for_decoding(path, dev, mesh["tp"] if tensor_parallel > 1 else None)
+    model = model.to(getattr(torch, dtype))
     options = chat_template_kwargs if chat_template_kwargs is not None else \
         getattr(model.config, "chat_template_kwargs", None) or {}
     conversation = chat.Chat(tokenizer, options, prompt_format)

@@ -374,6 +374,68 @@ def test_a_damaged_store_is_rebuilt_never_loaded(tmp_path):
     assert _store(files["train"], demo_tokenizer(), tmp_path / "cache")[2] is not None
 
 
+@pytest.mark.parametrize("name", ["ids.bin", "offsets.npy", "spans.npy", "span_offsets.npy",
+                                  "source.npy"])
+def test_flipped_bytes_in_any_store_file_are_never_trained_on(tmp_path, name, capsys):
+    """One flipped byte anywhere (sizes unchanged): the builder sees it (each file's crc32), says
+    so in one line and builds the store again, equal to the first."""
+    from demo import demo_tokenizer
+    files = write_demo_data(str(tmp_path / "demo"), n_train=30, n_test=4)
+    store, key, _ = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
+    reference = [(list(store[i][0]), store[i][1]) for i in range(len(store))]
+    path = tmp_path / "cache" / key / name
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01  # the end: inside the data, past any header
+    path.write_bytes(bytes(blob))
+    again, _, built = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
+    assert built is not None and _same(again, Store.from_samples(reference))
+    assert f"is damaged ({name}: contents changed (checksum)): building it again" in \
+        capsys.readouterr().out
+
+
+def test_token_ids_beyond_the_vocabulary_and_bad_offsets_are_refused():
+    bad_ids = Store(np.array([1, 2, 999], np.uint32), np.array([0, 3]), np.array([[1, 3]]),
+                    np.array([0, 1]))
+    with pytest.raises(ValueError, match="token id 999, not below the tokenizer's 128"):
+        bad_ids.check(128)
+    backwards = Store(np.array([1, 2, 3], np.uint32), np.array([0, 3, 2]), np.array([[1, 3],
+                      [1, 2]]), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="offsets.npy does not describe ids.bin"):
+        backwards.check()
+    outside = Store(np.array([1, 2, 3], np.uint32), np.array([0, 3]), np.array([[1, 9]]),
+                    np.array([0, 1]))
+    with pytest.raises(ValueError, match="a span outside its sample"):
+        outside.check()
+
+
+def test_a_killed_build_is_swept_and_an_edit_in_place_is_seen(tmp_path):
+    """A half-built store of a dead process is removed at the next load. A data file edited in
+    place with its size and modification time put back is still seen (the checksum cache also keys
+    on ctime, which cannot be set back): a new store, and a resume would be refused."""
+    import os
+    import socket
+    import subprocess
+    from demo import demo_tokenizer
+    files = write_demo_data(str(tmp_path / "demo"), n_train=30, n_test=4)
+    _, key, _ = _store(files["train"], demo_tokenizer(), tmp_path / "cache")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names a process that is gone
+    stale = tmp_path / "cache" / f"{key}.tmp-{socket.gethostname()}-{dead.pid}"
+    stale.mkdir()
+    (stale / "ids.bin").write_bytes(b"x" * 1000)
+    path = files["train"]
+    st = os.stat(path)
+    blob = bytearray(open(path, "rb").read())
+    i = blob.index(b"What is ")
+    blob[i:i + 8] = b"WHAT IS "  # same size
+    open(path, "wb").write(bytes(blob))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    _, new_key, built = _store(path, demo_tokenizer(), tmp_path / "cache")
+    assert new_key != key and built is not None
+    assert not stale.exists()
+
+
 def test_rows_the_template_refuses_are_counted_and_listed(tmp_path):
     from conftest import byte_tokenizer
     rows = [

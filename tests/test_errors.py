@@ -146,6 +146,38 @@ TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
         "no training samples left: every prompt in",
     ),
     ("an override without =", ["--compile"], "'--compile': overrides are written --key=value"),
+    (
+        "a model folder whose weights are garbage",
+        ["--init_from={tmp}/garbage_weights"],
+        "garbage_weights: cannot load the model (",
+    ),
+    (
+        "a messages column holding a plain string",
+        ["--train_files={tmp}/string_messages.parquet"],
+        "string_messages.parquet row 0: column 'messages' must be a list of {role, content}",
+    ),
+    ("max_nonfinite 0", ["--max_nonfinite=0"], "max_nonfinite=0: must be >= 1"),
+    ("tensor_parallel 0", ["--tensor_parallel=0"], "tensor_parallel=0: must be >= 1"),
+    (
+        "tensor_parallel not dividing the ranks",
+        ["--tensor_parallel=3", "WORLD_SIZE=4"],
+        "tensor_parallel=3 must divide the 4 ranks",
+    ),
+    (
+        "tensor_parallel with DDP",
+        ["--tensor_parallel=2", "--parallel=ddp", "WORLD_SIZE=2"],
+        "tensor_parallel=2 needs parallel='fsdp'",
+    ),
+    (
+        "tensor_parallel not dividing the KV heads",
+        ["--tensor_parallel=2", "--n_head=2", "--n_embd=64", "WORLD_SIZE=2"],
+        "tensor_parallel=2 does not divide the model's num_key_value_heads=1",
+    ),
+    (
+        "tensor_parallel on a model without a plan",
+        ["--tensor_parallel=2", "--init_from={tmp}/gpt2", "WORLD_SIZE=2"],
+        "model type 'gpt2' has no tensor parallel plan",
+    ),
 ]
 
 SAMPLE = [
@@ -164,6 +196,57 @@ SAMPLE = [
         "summary_json in a missing folder",
         ["--summary_json=/nonexistent/s.json"],
         "its folder does not exist",
+    ),
+    ("summary_json a folder", ["--summary_json={tmp}"], "is a folder: give a file name"),
+    (
+        "summary_json where nothing can be written",
+        ["--summary_json=/proc/s.json"],
+        "summary_json='/proc/s.json' cannot be written",
+    ),
+    (
+        "write_parquet in a missing folder",
+        ["--write_parquet=/nonexistent/own.parquet"],
+        "write_parquet='/nonexistent/own.parquet': its folder does not exist",
+    ),
+    (
+        "chat_template_kwargs not a dict",
+        ["--chat_template_kwargs=[1]"],
+        "chat_template_kwargs=[1]: expected a dict of template options",
+    ),
+    (
+        "chat_template_kwargs a number",
+        ["--chat_template_kwargs=5"],
+        "chat_template_kwargs=5: expected a dict of template options",
+    ),
+    (
+        "prompt_format without {prompt}",
+        ["--prompt_format=Q:"],
+        "prompt_format='Q:': expected a str with a {prompt} field",
+    ),
+    ("color typo", ["--color=maybe"], "color='maybe': expected one of None, True, False"),
+    ("temperature below 0", ["--ckpt={ckpt}", "--temperature=-1"], "temperature=-1.0: must be"),
+    ("temperature not a number", ["--ckpt={ckpt}", "--temperature=hot"], "temperature='hot':"),
+    ("top_p above 1", ["--ckpt={ckpt}", "--top_p=1.5"], "top_p=1.5: must be in (0, 1]"),
+    ("top_p 0", ["--ckpt={ckpt}", "--top_p=0"], "top_p=0: must be in (0, 1]"),
+    ("top_k below 0", ["--ckpt={ckpt}", "--top_k=-1"], "top_k=-1: must be an int >= 0"),
+    ("min_p 1", ["--ckpt={ckpt}", "--min_p=1"], "min_p=1: must be in [0, 1)"),
+    ("no samples per prompt", ["--samples_per_prompt=0"], "samples_per_prompt=0: must be >= 1"),
+    ("drafts out of range", ["--ckpt={ckpt}", "--drafts=4"], "drafts=4: expected 'auto' or an int"),
+    ("drafts typo", ["--ckpt={ckpt}", "--drafts=al"], "drafts='al': expected 'auto' or an int"),
+    (
+        "tensor_parallel not dividing the ranks",
+        ["--tensor_parallel=2", "WORLD_SIZE=3"],
+        "tensor_parallel=2 must divide the 3 ranks",
+    ),
+    (
+        "a model folder whose weights are garbage",
+        ["--ckpt={tmp}/garbage_weights", "--prompt=hi"],
+        "garbage_weights: cannot load the model (",
+    ),
+    (
+        "a messages column holding a plain string",
+        ["--ckpt={ckpt}", "--data_files={tmp}/string_messages.parquet"],
+        "column 'messages' must be a list of {role, content} messages, got a string",
     ),
     ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible"),
     ("dtype typo", ["--dtype=bf16"], "dtype='bf16': expected one of 'float32', 'bfloat16'"),
@@ -214,6 +297,14 @@ def fixtures(tmp):
     os.makedirs(tmp / "no_weights")
     model.config.save_pretrained(tmp / "no_weights")
     demo_tokenizer().save_pretrained(tmp / "no_weights")
+    model.save_pretrained(tmp / "garbage_weights")
+    demo_tokenizer().save_pretrained(tmp / "garbage_weights")
+    (tmp / "garbage_weights" / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    write_parquet(tmp / "string_messages.parquet", [{"messages": "What is 2+2?"}])
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp / "gpt2")
+    demo_tokenizer().save_pretrained(tmp / "gpt2")
 
 
 def run(script, args, tmp, ckpt="", case=0):
