@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from common import all_true
+from common import all_sum, all_true, to_device
 from configurator import UserError, first_line, one_of
 from demo import demo_config
 from mask import block_mask, dense_mask
@@ -189,6 +189,30 @@ def summarize_metrics(counts, block_size):
     blocks = counts[2 * B + 1]
     out["tpf_tf"] = (counts[2 * B] / blocks).item() if blocks else float("nan")
     return out
+
+
+@torch.no_grad()
+def evaluate(model, batches, block_size, device, autocast, tp=1):
+    """val_loss_ar, val_loss_mask, acc@0..B-1 and tpf_tf over every rank's eval batches (the ranks
+    of a tensor-parallel group see the same batches: counted once)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    counts = torch.zeros(2 * block_size + 2, dtype=torch.float64)
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast:
+            losses, preds, is_mask = forward_losses(model, batch)
+        sums += torch.tensor([losses[~is_mask].sum().item(), (~is_mask).sum().item(),
+                              losses[is_mask].sum().item(), is_mask.sum().item()],
+                             dtype=torch.float64)
+        full_pred = batch["labels"].clone()
+        full_pred[batch["labels"] != -100] = preds
+        counts += block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
+    sums, counts = all_sum(sums.to(device)).cpu() / tp, all_sum(counts.to(device)).cpu() / tp
+    model.train()
+    return {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
+            "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item(),
+            **summarize_metrics(counts, block_size)}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -344,17 +344,19 @@ def queries(k, m):
 
 class DraftPolicy:
     """drafts='auto': the k of each lossless step (all rows alike; m = k masks per group, so that
-    the next step has k drafts), chosen to maximise expected tokens per second: expected tokens =
+    the next step has k drafts), chosen to maximise expected tokens per second. Expected tokens =
     1 + sum_j prod_{i<=j} a_i, with a_i the measured rate at which draft i is right given the ones
-    before it (every draft is scored against the tokens finally written, verified or not); seconds
-    = the cost of a step of rows x queries tokens, measured on the device once (a short
-    calibration, kept per model, device and dtype) and tracked as decoding goes."""
+    before it (every draft is scored against the tokens finally written, verified or not). Seconds:
+    a step's measured time when steps of its size have run (a moving average), else the forward's
+    calibrated time (measured on the device once per batch size: kept per model, device and dtype)
+    plus what a step has been measured to cost beyond its forward."""
 
     def __init__(self, D):
         self.D, self.right, self.tried = D, [0] * D, [0] * D
-        self.points = []  # [(rows x queries, seconds)]: the calibrations
+        self.points = []  # [(rows x queries, seconds of a forward)]: the calibrations
         self.calibrated = set()  # the batch sizes (cache rows) calibrated
-        self.scale = 1.0  # measured / predicted seconds, tracked
+        self.steps = {}  # rows x queries -> seconds of a whole step, measured
+        self.extra = None  # seconds a step costs beyond its forward, measured
 
     def rate(self, i):
         return (self.right[i] + 1) / (self.tried[i] + 2)
@@ -366,29 +368,39 @@ class DraftPolicy:
             tokens += p
         return tokens
 
-    def seconds(self, tokens):
-        """Predicted seconds of a step of `tokens` query tokens: interpolated between calibration
-        points, flat below the smallest (overhead), linear beyond the largest."""
+    def forward_seconds(self, tokens):
+        """A forward of `tokens` query tokens: interpolated between calibration points, flat below
+        the smallest (all overhead), linear beyond the largest."""
         xs, ys = zip(*self.points)
         if tokens <= xs[0]:
-            return ys[0] * self.scale
+            return ys[0]
         for (x0, y0), (x1, y1) in zip(self.points, self.points[1:]):
             if tokens <= x1:
-                return (y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)) * self.scale
-        slope = (ys[-1] - ys[0]) / max(xs[-1] - xs[0], 1)
-        return (ys[-1] + slope * (tokens - xs[-1])) * self.scale
+                return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
+        return ys[-1] + (ys[-1] - ys[0]) / max(xs[-1] - xs[0], 1) * (tokens - xs[-1])
+
+    def seconds(self, tokens):
+        if tokens in self.steps:
+            return self.steps[tokens]
+        return self.forward_seconds(tokens) + (self.extra or 0.0)
 
     def best(self, n):
         rates = [self.expected(k) / self.seconds(n * queries(k, k)) for k in range(self.D + 1)]
         return max(range(self.D + 1), key=lambda k: (rates[k], -k))
 
     def observe(self, tokens, seconds):
-        self.scale = 0.8 * self.scale + 0.2 * self.scale * seconds / self.seconds(tokens)
+        """A step of `tokens` query tokens took `seconds`, everything included."""
+        def average(old, new):
+            return new if old is None else 0.7 * old + 0.3 * new
+        self.steps[tokens] = average(self.steps.get(tokens), seconds)
+        self.extra = average(self.extra, seconds - self.forward_seconds(tokens))
 
     def score(self, drafts, written):
         """Count how many of drafts (the tokens after some position) agree with the tokens
         finally written there, in order."""
         for i, (d, t) in enumerate(zip(drafts, written)):
+            if self.tried[i] >= 4096:  # the last few thousand drafts speak: rates can drift
+                self.tried[i], self.right[i] = self.tried[i] / 2, self.right[i] / 2
             self.tried[i] += 1
             if d != t:
                 return
@@ -398,10 +410,12 @@ class DraftPolicy:
 _POLICIES = weakref.WeakKeyDictionary()
 
 
-def draft_policy(model, D, fixed):
-    """The model's DraftPolicy for steps of this kind (compiled or not), kept across calls."""
+def draft_policy(model, D, fixed, sampling):
+    """The model's DraftPolicy for steps of this kind (compiled or not) and these sampling settings
+    (they change how often drafts are right), kept across calls."""
     per_model = _POLICIES.setdefault(model, {})
-    return per_model.setdefault((D, fixed, next(model.parameters()).dtype), DraftPolicy(D))
+    return per_model.setdefault((D, fixed, next(model.parameters()).dtype, sampling),
+                                DraftPolicy(D))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -526,6 +540,7 @@ class Decoder:
         """One decoding step of the busy rows (all rows with compile: one shape, one graph)."""
         if self.mode in ("block", "adaptive"):
             return self.block_step(busy)
+        t0 = time.perf_counter()
         rows = list(self.slots) if self.fixed else busy  # with compile, idle rows run as padding
         live = [r is not None and not r.done for r in rows]
         k = m = 0
@@ -539,7 +554,6 @@ class Decoder:
         tokens = torch.tensor([r.pending + r.drafts[:k] + [self.mask_id] * ((k + 1) * m) if ok
                                else [0] * Q for r, ok in zip(rows, live)], device=dev)
         length, seeds = torch.tensor(lengths, device=dev), self.seeds(rows)
-        t0 = time.perf_counter()
         logits = feed_uniform(self.model, self.cache, slots, length, max(lengths), tokens,
                               self.shape(k, m), self.fn, self.fixed)
         pos = length[:, None] + 1 + torch.arange(k + 1, device=dev)
@@ -552,8 +566,6 @@ class Decoder:
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
             out.append(choose(groups, gpos, seeds, self.sampling))
         host = torch.cat(out, 1).tolist()
-        if self.policy is not None:
-            self.policy.observe(n * Q, time.perf_counter() - t0)
         for row, ok, lg, h in zip(rows, live, logits, host):
             if not ok:
                 continue
@@ -567,6 +579,8 @@ class Decoder:
                 self.new_drafts(row, h[k + 2:])
                 if self.policy is not None:
                     self.score_drafts(row)
+        if self.policy is not None:  # the whole step, as decoding pays for it
+            self.policy.observe(n * Q, time.perf_counter() - t0)
 
     def block_step(self, busy):
         """block and adaptive: [pending][B-1 masks] after each row's cached tokens."""
@@ -592,8 +606,8 @@ def _confident_run(preds, probs, threshold):
 
 
 def calibrate(decoder, busy):
-    """Time one step of each candidate shape on the current rows (after a warm-up run of each, which
-    also compiles it): cost points of the draft policy. These steps write nothing that counts: every
+    """Time a forward of each candidate shape on the current rows (after a warm-up run of each,
+    which also compiles it): cost points of the draft policy. These steps write nothing that counts: every
     slot they fill lies past its row's length, overwritten by the row's next real step."""
     rows = list(decoder.slots) if decoder.fixed else busy
     live = [r is not None and not r.done for r in rows]
@@ -603,12 +617,14 @@ def calibrate(decoder, busy):
     lengths = [r.length if ok else 0 for r, ok in zip(rows, live)]
     for k in range(decoder.D + 1):
         tokens = torch.full((n, queries(k, k)), decoder.mask_id, device=dev)
-        for _ in range(2):
+        times = []
+        for _ in range(4):  # a warm-up (and compilation), then the best of three
             t0 = time.perf_counter()
             feed_uniform(decoder.model, decoder.cache, slots, torch.tensor(lengths, device=dev),
                          max(lengths), tokens, decoder.shape(k, k), decoder.fn,
                          decoder.fixed)[0, 0, 0].item()
-        decoder.policy.points.append((tokens.numel(), time.perf_counter() - t0))
+            times.append(time.perf_counter() - t0)
+        decoder.policy.points.append((tokens.numel(), min(times[1:])))
     decoder.policy.points.sort()
     decoder.policy.calibrated.add(decoder.cache.rows)
 
@@ -639,22 +655,10 @@ def generate(model, prompts, mode="ar", max_new_tokens=256, *, block_size=None,
     (their tokens, their logits rows)."""
     single = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], int)
     prompts = [list(prompts)] if single else [list(p) for p in prompts]
-    one_of("mode", mode, MODES)
-    if not prompts:
-        raise UserError("no prompts: there is nothing to decode")
-    for i, p in enumerate(prompts):
-        if not p:
-            raise UserError(f"prompt {i} is empty: there is nothing to decode from")
-    at_least("max_new_tokens", max_new_tokens, 1)
-    at_least("batch_size", batch_size, 1)
     B = block_size or getattr(model.config, "next_block_size", None) or 1
     mask_token_id = mask_token_id if mask_token_id is not None else \
         getattr(model.config, "mask_token_id", None)
-    if mode != "ar" and mask_token_id is None:
-        raise UserError(f"mode {mode!r} needs a mask token: this model was not trained by train.py")
-    if drafts != "auto" and not (isinstance(drafts, int) and 0 <= drafts <= B - 1):
-        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
-                        "(block_size - 1)")
+    check_generate(prompts, mode, max_new_tokens, batch_size, B, mask_token_id, drafts)
     sampling = check_sampling(temperature, top_k, top_p, min_p)
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
@@ -669,8 +673,8 @@ def generate(model, prompts, mode="ar", max_new_tokens=256, *, block_size=None,
                         f"than the model's {limit} positions: shorten it or lower max_new_tokens")
     rows = min(batch_size, len(prompts))
     capacity = ceil_to(longest + max_new_tokens + width + B, 64)  # + B: the padding's slot
-    policy = (draft_policy(model, B - 1, compile) if mode == "lossless" and drafts == "auto"
-              else None)
+    policy = (draft_policy(model, B - 1, compile, sampling)
+              if mode == "lossless" and drafts == "auto" else None)
     dec = Decoder(model, mode, rows, capacity, B, mask_token_id, eos, max_new_tokens, sampling,
                   threshold, policy, drafts, compile, trace)
     waiting, results = deque(range(len(prompts))), [None] * len(prompts)
@@ -702,6 +706,23 @@ def generate(model, prompts, mode="ar", max_new_tokens=256, *, block_size=None,
                               f"{tokens / forwards:.2f} tokens/forward")
     bar.close()
     return results[0] if single else results
+
+
+def check_generate(prompts, mode, max_new_tokens, batch_size, B, mask_token_id, drafts):
+    """One line for the first argument of generate() that cannot work."""
+    one_of("mode", mode, MODES)
+    if not prompts:
+        raise UserError("no prompts: there is nothing to decode")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt {i} is empty: there is nothing to decode from")
+    at_least("max_new_tokens", max_new_tokens, 1)
+    at_least("batch_size", batch_size, 1)
+    if mode != "ar" and mask_token_id is None:
+        raise UserError(f"mode {mode!r} needs a mask token: this model was not trained by train.py")
+    if drafts != "auto" and not (isinstance(drafts, int) and 0 <= drafts <= B - 1):
+        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
+                        "(block_size - 1)")
 
 
 def check_sampling(temperature, top_k, top_p, min_p):

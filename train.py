@@ -32,10 +32,9 @@ import lora
 from common import (all_sum, barrier, compute_cleanup, compute_init, device_mesh, dist_info,
                     print0, resolve_dtype, to_device)
 from demo import write_demo_data
-from model import (all_finite, attention_backend, block_metrics, clip_grads, decoder_layers,
+from model import (all_finite, attention_backend, clip_grads, decoder_layers, evaluate,
                    flops_per_token, forward_losses, load_config, load_model, parallelize,
-                   peak_flops, set_grad_sync, sum_partial_grads, summarize_metrics,
-                   tensor_parallelize, tp_plan)
+                   peak_flops, set_grad_sync, sum_partial_grads, tensor_parallelize, tp_plan)
 from store import Store, load_store
 
 # -------------------------------------------------------------------------------------------------
@@ -233,28 +232,9 @@ def get_lr(step):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def evaluate():
-    """val_loss_ar, val_loss_mask, acc@0..B-1 and tpf_tf over all of val_files (block offset 0)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
-    counts = torch.zeros(2 * block_size + 2, dtype=torch.float64)
-    for batch in data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id,
-                                   layout, dp_rank, dp, pad_multiple, mask_token_id):
-        batch = to_device(batch, device)
-        with autocast:
-            losses, preds, is_mask = forward_losses(model, batch)
-        sums += torch.tensor([losses[~is_mask].sum().item(), (~is_mask).sum().item(),
-                              losses[is_mask].sum().item(), is_mask.sum().item()],
-                             dtype=torch.float64)
-        full_pred = batch["labels"].clone()
-        full_pred[batch["labels"] != -100] = preds
-        counts += block_metrics(full_pred.cpu(), {k: v.cpu() for k, v in batch.items()}, block_size)
-    sums, counts = all_sum(sums.to(device)).cpu() / tp, all_sum(counts.to(device)).cpu() / tp
-    model.train()
-    return {"val_loss_ar": (sums[0] / sums[1].clamp(min=1)).item(),
-            "val_loss_mask": (sums[2] / sums[3].clamp(min=1)).item(),
-            **summarize_metrics(counts, block_size)}
+def val_batches():
+    return data.eval_batches(val_samples, batch_size, max_length, block_size, mask_token_id, layout,
+                             dp_rank, dp, pad_multiple, mask_token_id)
 
 
 def save(step, metrics):
@@ -288,8 +268,10 @@ def log_json(row, name="metrics.jsonl"):
 def log(row, line=None):
     """A step's numbers: a console line on rank 0 (above the progress bar), a metrics.jsonl row,
     and W&B."""
-    if line is not None:
-        bar.write(line) if not bar.disable else print0(line)
+    if line is not None and not bar.disable:
+        bar.write(line)
+    elif line is not None:
+        print0(line)
     log_json(row)
     if run:
         run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -404,7 +386,7 @@ while step < total_steps:
                      f"grad_norm {grad_norm:.2f} | {sums['tokens'] / dt / 1e3:.1f}k tok/s{mfu}"
                      f"{skipped}")
     if val_samples and ((eval_every and step % eval_every == 0) or step == total_steps):
-        val = evaluate()
+        val = evaluate(model, val_batches(), block_size, device, autocast, tp)
         metrics.update(val)
         accs = " ".join(f"{val[f'acc@{k}']:.2f}" for k in range(block_size))
         log({"step": step, **val}, f"eval step {step} | val_loss_ar {val['val_loss_ar']:.4f} | "

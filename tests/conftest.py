@@ -4,6 +4,7 @@ fp32."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,7 +152,8 @@ def byte_tokenizer(name):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    template = open(os.path.join(ROOT, "tests", "fixtures", "templates", f"{name}.jinja")).read()
+    with open(os.path.join(ROOT, "tests", "fixtures", "templates", f"{name}.jinja")) as f:
+        template = f.read()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
                                   additional_special_tokens=specials, chat_template=template)
     tok.add_tokens(plain)
@@ -220,7 +222,7 @@ def example(prompt, response, block_size, mask_token_id, layout="split", block_o
 
 # tokenized data of every test run, kept apart
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-DATA_CACHE = tempfile.mkdtemp(prefix="next-block-cache-")
+DATA_CACHE = tempfile.mkdtemp(prefix="next-block-cache-")  # removed when the session ends
 TINY = [
     "--device=cpu",
     "--init_from=demo",
@@ -277,8 +279,23 @@ def start(out_dir, args, launcher=None):
     )
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def jsonl(path):
+    """The rows of a JSON-lines file (metrics.jsonl, samples.jsonl)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def losses(out_dir):
     """{step: loss} from metrics.jsonl; the last row of a step wins (a resumed run logs its steps
     again)."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    rows = jsonl(os.path.join(out_dir, "metrics.jsonl"))
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(DATA_CACHE, ignore_errors=True)

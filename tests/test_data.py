@@ -1,6 +1,8 @@
 import random
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -302,10 +304,9 @@ def test_store_holds_what_encode_gives(tmp_path):
 def test_store_of_gsm8k_with_the_qwen3_tokenizer(tmp_path):
     from conftest import SHARED_DATA, shared_tokenizer
     tok = shared_tokenizer("qwen3")
-    import json
+    from conftest import jsonl
     rows = []
-    for line in open(f"{SHARED_DATA}/gsm8k/train.jsonl").readlines()[:200]:
-        ex = json.loads(line)
+    for ex in jsonl(f"{SHARED_DATA}/gsm8k/train.jsonl")[:200]:
         work, answer = ex["answer"].split("####")
         rows.append(
             {
@@ -425,10 +426,10 @@ def test_a_killed_build_is_swept_and_an_edit_in_place_is_seen(tmp_path):
     (stale / "ids.bin").write_bytes(b"x" * 1000)
     path = files["train"]
     st = os.stat(path)
-    blob = bytearray(open(path, "rb").read())
+    blob = bytearray(Path(path).read_bytes())
     i = blob.index(b"What is ")
     blob[i:i + 8] = b"WHAT IS "  # same size
-    open(path, "wb").write(bytes(blob))
+    Path(path).write_bytes(bytes(blob))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
     _, new_key, built = _store(path, demo_tokenizer(), tmp_path / "cache")
@@ -489,7 +490,7 @@ def test_token_budget_rows_are_full_and_steps_cost_the_same():
     it = Batches(samples, 0, 1, 32768, 4, 99, batch_tokens=65536, seed=3)
     assert (it.rows, it.row_length) == (2, 32768)
     plan = it._plan(0)
-    real = [sum(min(l, 32768) for row in mb for l in it_lengths(it, row)) for mb in plan]
+    real = [sum(min(n, 32768) for row in mb for n in it_lengths(it, row)) for mb in plan]
     assert it.padding() <= 0.05 and max(real) / min(real) <= 1.3, (
         it.padding(),
         max(real) / min(real),

@@ -2,12 +2,16 @@
 ...`), exit code 1, no traceback, nothing slow done first. `python tests/test_errors.py` prints the
 table that docs/errors.md shows (from real runs)."""
 
+import pytest
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT, TINY, tiny_model, write_parquet
+
+pytestmark = pytest.mark.slow  # subprocesses: train.py, sample.py, torchrun
+
 
 TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
     (

@@ -1,7 +1,6 @@
 """Gated LoRA (lora.py): adapters on mask positions only leave the clean stream the base model's,
 bit for bit; training, export, decoding, resume and the distributed wrappers keep it so."""
 
-import json
 import os
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import lora
-from conftest import ROOT, TORCHRUN, example, losses, tiny_model, train
+from conftest import ROOT, TORCHRUN, example, losses, read_json, tiny_model, train
 from data import collate
 from mask import dense_mask
 from model import set_gate
@@ -81,6 +80,7 @@ def test_ar_and_lossless_give_the_base_models_output_greedy_or_sampled():
     assert generate(model, prompts, "block", 24, **opts) != base_drafts
 
 
+@pytest.mark.slow
 def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file):
     """train.py with finetune='gated_lora' from a checkpoint: its huggingface/ folder holds the base
     weights unchanged (AutoModelForCausalLM loads the plain base model) and the adapter apart;
@@ -101,7 +101,7 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
     assert "gated_lora: 14 adapted linears" in p.stdout and "trainable (" in p.stdout
     ar = losses(tmp_path / "lora")
     folder = tmp_path / "lora" / "global_step_6" / "huggingface"
-    config = json.load(open(folder / "config.json"))
+    config = read_json(folder / "config.json")
     assert config["next_block_adapter"]["rank"] == 4 and (folder / lora.ADAPTER_FILE).exists()
     exported, before = load_file(folder / "model.safetensors"), load_file(
         base_folder / "model.safetensors"
@@ -137,7 +137,7 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
         timeout=600,
     )
     assert s.returncode == 0, s.stderr[-2000:]
-    summary = json.load(open(tmp_path / "s.json"))["scenarios"]
+    summary = read_json(tmp_path / "s.json")["scenarios"]
     assert summary["lossless"]["same_as_ar"] == "3/3"
     s = subprocess.run(
         [
@@ -157,10 +157,11 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
         timeout=600,
     )
     assert (
-        json.load(open(tmp_path / "b.json"))["scenarios"]["ar"]["tokens"] == summary["ar"]["tokens"]
+        read_json(tmp_path / "b.json")["scenarios"]["ar"]["tokens"] == summary["ar"]["tokens"]
     )
 
 
+@pytest.mark.slow
 def test_gated_lora_resumes_exactly_and_refuses_the_other_mode(tmp_path, train_file):
     import shutil
     common = [
@@ -193,6 +194,7 @@ def test_gated_lora_resumes_exactly_and_refuses_the_other_mode(tmp_path, train_f
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_gated_lora_on_two_ranks_matches_one(tmp_path, train_file, parallel):
     common = [

@@ -8,9 +8,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
-from conftest import ROOT, SHARED_DATA, shared_tokenizer, tiny_model, write_parquet
+from conftest import ROOT, SHARED_DATA, read_json, shared_tokenizer, tiny_model, write_parquet
+
+pytestmark = pytest.mark.slow  # subprocesses: train.py, sample.py, torchrun
+
 
 
 def gsm8k_rows(split, n):
@@ -18,7 +23,7 @@ def gsm8k_rows(split, n):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present")
     rows = []
-    for line in open(path).readlines()[:n]:
+    for line in Path(path).read_text().splitlines()[:n]:
         ex = json.loads(line)
         work, answer = ex["answer"].split("####")
         rows.append(
@@ -69,7 +74,7 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mask token id 151669" in p.stdout  # the first spare row: no resize, nothing shrunk
     assert "eval step 2" in p.stdout
-    exported = json.load(open(tmp_path / "out" / "global_step_2" / "huggingface" / "config.json"))
+    exported = read_json(tmp_path / "out" / "global_step_2" / "huggingface" / "config.json")
     assert exported["mask_token_id"] == 151669 and exported["vocab_size"] == 151936
     s = subprocess.run(
         [

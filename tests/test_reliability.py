@@ -13,13 +13,18 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 
-from conftest import ROOT, TINY, TORCHRUN, losses, start, train
+from conftest import ROOT, TINY, TORCHRUN, jsonl, losses, read_json, start, train
+
+pytestmark = pytest.mark.slow  # subprocesses: train.py, torchrun, kill -9
+
 
 def samples_per_step(out_dir):
     """{step: sample ids} from samples.jsonl (log_samples=True); the last row of a step wins."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "samples.jsonl"))]
+    rows = jsonl(os.path.join(out_dir, "samples.jsonl"))
     return {r["step"]: r["samples"] for r in rows}
 
 
@@ -54,7 +59,7 @@ def wait_for_rows(out_dir, n, proc, timeout=120):
     """Wait until metrics.jsonl has n rows (or the process ended)."""
     path, deadline = os.path.join(out_dir, "metrics.jsonl"), time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+        if os.path.exists(path) and len(Path(path).read_text().splitlines()) >= n:
             return
         time.sleep(0.05)
 
@@ -118,7 +123,7 @@ def test_resume_disable_on_a_longer_run_keeps_the_new_run(tmp_path, train_file):
     assert kept == ["global_step_2", "global_step_4",]
     moved = glob.glob(str(tmp_path / "previous_runs" / "*" / "global_step_6" / "checkpoint.json"))
     assert len(moved) == 1  # the old run is kept, aside
-    new = json.load(open(tmp_path / "global_step_4" / "checkpoint.json"))
+    new = read_json(tmp_path / "global_step_4" / "checkpoint.json")
     assert new["config"]["learning_rate"] == 1e-3
     # a plain re-run resumes the new run
     p = train(tmp_path, "--max_steps=5", "--learning_rate=1e-3", *args)
@@ -293,12 +298,12 @@ def test_metrics_mark_resumes_and_wandb_resumes_its_run(tmp_path, train_file, mo
     env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}
     args = [f"--train_files={train_file}", "--batch_size=2", "--save_every=2", "--wandb_log=True"]
     train(tmp_path, "--max_steps=2", *args, env=env)
-    run_id = json.load(open(tmp_path / "global_step_2" / "checkpoint.json"))["wandb_id"]
+    run_id = read_json(tmp_path / "global_step_2" / "checkpoint.json")["wandb_id"]
     train(tmp_path, "--max_steps=4", *args, env=env)
-    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    events = jsonl(tmp_path / "metrics.jsonl")
     marks = [(r["event"], r["step"]) for r in events if "event" in r]
     assert marks == [("start", 0), ("resume", 2)]
-    assert json.load(open(tmp_path / "global_step_4" / "checkpoint.json"))["wandb_id"] == run_id
+    assert read_json(tmp_path / "global_step_4" / "checkpoint.json")["wandb_id"] == run_id
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     # both logged to the same run id
     assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)
@@ -327,13 +332,13 @@ def test_a_full_disk_while_tokenizing_is_one_line(tmp_path, train_file):
     """data_cache on a tiny tmpfs (skipped without mount rights): one line naming the folder and the
     reason; the data file is untouched and nothing half-written is left in the cache."""
     mnt = tmp_path / "small"
-    before = open(train_file, "rb").read()
+    before = Path(train_file).read_bytes()
     args = f"--out_dir={tmp_path}/out --train_files={train_file} --max_steps=1"
     p = train_on_small_tmpfs(mnt, "16k", f"{args} --data_cache={mnt}/cache", f"ls -a {mnt}/cache")
     assert_full_disk_line(p, "error: cannot write the data store in ")
     leftovers = p.stdout.split("rc=1")[1].split()
     assert not [n for n in leftovers if n not in (".", "..", "checksums.json")], leftovers
-    assert open(train_file, "rb").read() == before
+    assert Path(train_file).read_bytes() == before
 
 
 def damage(newest, how):
@@ -344,7 +349,7 @@ def damage(newest, how):
         blob[len(blob) // 2] ^= 0xFF
         path.write_bytes(bytes(blob))
     elif how == "edit checkpoint.json":  # valid JSON, another data position: its checksum says so
-        sidecar = json.load(open(newest / "checkpoint.json"))
+        sidecar = read_json(newest / "checkpoint.json")
         sidecar["data"]["consumed"] = 0
         (newest / "checkpoint.json").write_text(json.dumps(sidecar))
 
@@ -390,7 +395,7 @@ def forge(folder, rel, blob):
     attacker who knows the format would: only what the file holds can give it away."""
     import zlib
     (folder / rel).write_bytes(blob)
-    raw = json.load(open(folder / "checkpoint.json"))
+    raw = read_json(folder / "checkpoint.json")
     raw.pop("checksum")
     raw["files"][rel] = [len(blob), zlib.crc32(blob)]
     raw["checksum"] = zlib.crc32(json.dumps(raw, sort_keys=True, default=str).encode())
@@ -454,7 +459,7 @@ def test_a_non_finite_gradient_is_skipped_and_never_saved(tmp_path, train_file):
             "--save_every=1"]
     p = run_with_fault(tmp_path / "one", "nan_grad@3", *args)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "one" / "metrics.jsonl"))
+    rows = {r["step"]: r for r in jsonl(tmp_path / "one" / "metrics.jsonl")
             if "loss" in r}
     assert rows[3].get("skipped") == 1 and rows[3]["grad_norm"] != rows[3]["grad_norm"]  # nan
     assert all("skipped" not in rows[s] for s in (1, 2, 4, 5))
@@ -505,11 +510,11 @@ def test_resume_disable_moves_the_sample_log_and_a_finished_run_logs_no_resume(t
     args = [f"--train_files={train_file}", "--batch_size=2", "--max_steps=2", "--log_samples=True"]
     train(tmp_path, *args)
     train(tmp_path, *args)  # nothing to do: no resume marker
-    marks = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "event" in r]
+    marks = [r for r in jsonl(tmp_path / "metrics.jsonl") if "event" in r]
     assert [m["event"] for m in marks] == ["start"]
     assert [json.loads(line).get("event") for line in open(tmp_path / "samples.jsonl")][0] == \
         "start"
     train(tmp_path, *args, "--resume=disable")
     moved = glob.glob(str(tmp_path / "previous_runs" / "*" / "samples.jsonl"))
-    assert len(moved) == 1 and len(open(moved[0]).readlines()) == 3  # the marker and 2 steps
-    assert len(open(tmp_path / "samples.jsonl").readlines()) == 3
+    assert len(moved) == 1 and len(jsonl(moved[0])) == 3  # the marker and 2 steps
+    assert len(jsonl(tmp_path / "samples.jsonl")) == 3

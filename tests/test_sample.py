@@ -1,7 +1,6 @@
 """sample.py: decoding scenarios against references (HF generate, full recompute), crafted logits
 for the adaptive rules, and the command line."""
 
-import json
 import math
 import os
 import random
@@ -12,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, tiny_model, write_parquet
+from conftest import ROOT, jsonl, read_json, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
@@ -398,7 +397,7 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
         def score(self, drafts, written):
             pass
 
-    monkeypatch.setattr(sample, "draft_policy", lambda model, D, fixed: Scripted_(D))
+    monkeypatch.setattr(sample, "draft_policy", lambda model, D, fixed, sampling: Scripted_(D))
     for batch_size in (1, 8, 64):
         got = generate(model, prompts, "lossless", 4, MASK, 20, eos_token_id=9, drafts="auto",
                        batch_size=batch_size, temperature=0.8, top_p=0.9)
@@ -457,17 +456,16 @@ def test_extract_and_compare_answers():
 def test_grading_real_benchmarks():
     """GSM8K and MATH500 references ($SHARED_DATA, skipped without it) graded against themselves:
     every reference answer is found in its own solution text."""
-    import json as _json
     from conftest import SHARED_DATA
     gsm, math = (os.path.join(SHARED_DATA, p) for p in ("gsm8k/test.jsonl", "math500/test.jsonl"))
     if not (os.path.exists(gsm) and os.path.exists(math)):
         pytest.skip("no GSM8K / MATH500 under SHARED_DATA")
-    rows = [_json.loads(line) for line in open(gsm)][:300]
+    rows = jsonl(gsm)[:300]
     assert all(
         same_answer(r["answer"], "#### " + r["answer"].split("####")[1]) == (True, True)
         for r in rows
     )
-    rows = [_json.loads(line) for line in open(math)]
+    rows = jsonl(math)
     graded = [same_answer(r["solution"], "\\boxed{" + r["answer"] + "}") for r in rows]
     assert sum(c for _, c in graded) >= 0.98 * len(rows)  # the few misses: answers written two ways
 
@@ -485,6 +483,7 @@ def sample_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_batched_decoding_of_a_trained_model(trained_demo):
     """A briefly trained model, where drafts get accepted: every mode decodes each prompt of a batch
     as it does alone, and lossless gives ar's output in fewer forwards."""
@@ -510,6 +509,7 @@ def test_batched_decoding_of_a_trained_model(trained_demo):
     assert tpf > 1.3, tpf  # drafts really are accepted
 
 
+@pytest.mark.slow
 def test_cli_all_scenarios_with_summary_json(trained_demo, tmp_path):
     p = sample_cli(
         f"--out_dir={trained_demo['out_dir']}",
@@ -520,7 +520,7 @@ def test_cli_all_scenarios_with_summary_json(trained_demo, tmp_path):
         "--verbose=True",
     )
     assert p.returncode == 0, p.stderr
-    summary = json.load(open(tmp_path / "s.json"))["scenarios"]
+    summary = read_json(tmp_path / "s.json")["scenarios"]
     assert set(summary) == {"ar", "tf", "block", "block_tf", "adaptive", "lossless"}
     assert (
         summary["lossless"]["same_as_ar"] == "4/4"
@@ -530,6 +530,7 @@ def test_cli_all_scenarios_with_summary_json(trained_demo, tmp_path):
     assert "top-5" in p.stdout and "tokens/forward" in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
     import pyarrow.parquet as pq
     rows = pq.read_table(trained_demo["test"]).to_pylist()[:6]
@@ -549,7 +550,7 @@ def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
             f"--summary_json={tmp_path}/{batch_size}.json",
         )
         assert p.returncode == 0, p.stderr
-        outs.append(json.load(open(tmp_path / f"{batch_size}.json"))["scenarios"])
+        outs.append(read_json(tmp_path / f"{batch_size}.json")["scenarios"])
     for summary in outs:
         # no targets
         assert summary["lossless"]["same_as_ar"] == "6/6" and "accuracy" not in summary["ar"]
@@ -558,6 +559,7 @@ def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
             outs[1][mode]["forwards"]
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
     cmd = [
         sys.executable,
@@ -583,13 +585,14 @@ def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
                      "--num_samples=5", "--scenario=ar,block_tf,lossless", "--max_new_tokens=40",
                      "--drafts=3", f"--summary_json={tmp_path}/one.json")
     assert one.returncode == 0, one.stderr
-    two, one = (json.load(open(tmp_path / f"{n}.json"))["scenarios"] for n in ("two", "one"))
+    two, one = (read_json(tmp_path / f"{n}.json")["scenarios"] for n in ("two", "one"))
     for name in ("ar", "block_tf", "lossless"):
         for key in ("samples", "tokens", "forwards", "accuracy"):
             assert two[name].get(key) == one[name].get(key), (name, key)
     assert two["lossless"]["same_as_ar"] == "5/5"
 
 
+@pytest.mark.slow
 def test_cli_block_size_mismatch_warns_and_uses_trained(trained_demo):
     p = sample_cli(
         f"--out_dir={trained_demo['out_dir']}",
@@ -602,6 +605,7 @@ def test_cli_block_size_mismatch_warns_and_uses_trained(trained_demo):
     assert "warning: block_size=8 but the model was trained with 4: using 4" in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_input(tmp_path, trained_demo):
     p = sample_cli(f"--out_dir={tmp_path}/none")
     assert (

@@ -3,7 +3,6 @@ process trains, for Qwen3 and Llama, full and gated LoRA; checkpoints move acros
 data-parallel ranks, and their exports are the single process's model; sample.py decodes under TP
 what one process decodes. (Its mistakes, each one line: tests/test_errors.py.)"""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, losses, tiny_model, train
+from conftest import ROOT, jsonl, read_json, tiny_model, train
 
 pytestmark = pytest.mark.slow
 FOUR = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
@@ -21,7 +20,7 @@ SHAPE = ["--n_embd=64", "--n_head=4", "--batch_size=4", "--gradient_accumulation
 
 
 def metrics(out_dir):
-    return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))
+    return {r["step"]: r for r in jsonl(os.path.join(out_dir, "metrics.jsonl"))
             if "loss" in r}
 
 
@@ -82,7 +81,7 @@ def test_checkpoints_move_across_tensor_and_data_parallel_sizes(tmp_path, train_
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
     def samples(d):  # the data position: the same samples, step by step (the last row wins)
-        return {r["step"]: r["samples"] for r in map(json.loads, open(d / "samples.jsonl"))
+        return {r["step"]: r["samples"] for r in jsonl(d / "samples.jsonl")
                 if "samples" in r}
     assert samples(run) == samples(tmp_path / "one")
 
@@ -105,7 +104,7 @@ def test_sample_py_under_tensor_parallel_decodes_what_one_process_decodes(tmp_pa
                                                           f"--summary_json={out}"],
                                cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
             assert p.returncode == 0, p.stderr[-3000:]
-            outs.append(json.load(open(out))["scenarios"])
+            outs.append(read_json(out)["scenarios"])
         for mode in ("ar", "block", "adaptive", "lossless"):
             assert outs[0][mode]["tokens"] == outs[1][mode]["tokens"], (mode, extra)
             assert outs[0][mode].get("same_as_ar") == outs[1][mode].get("same_as_ar"), mode

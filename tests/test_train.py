@@ -10,7 +10,10 @@ import time
 import pytest
 import torch
 
-from conftest import TORCHRUN, example, losses, start, train
+from conftest import TORCHRUN, example, jsonl, losses, read_json, start, train
+
+pytestmark = pytest.mark.slow  # subprocesses: train.py, sample.py, torchrun
+
 
 def weights(ckpt):
     from safetensors.torch import load_file
@@ -137,7 +140,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, train_file):
     assert p.returncode == 1 and "holds another run" not in p.stderr, p.stderr
     assert "steps in a row had a non-finite loss or grad norm" in p.stderr, p.stderr
     assert "newest checkpoint" in p.stderr and p.stderr.count("\n") == 1, p.stderr
-    assert any(row.get("skipped") for row in map(json.loads, open(tmp_path / "metrics.jsonl")))
+    assert any(row.get("skipped") for row in jsonl(tmp_path / "metrics.jsonl"))
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("global")) == ["global_step_1"]
 
 
@@ -187,7 +190,7 @@ def test_export_loads_with_auto_classes_and_matches_training_model(tmp_path):
     # a bf16 run exports bf16 weights and says so in config.json; the live model keeps its fp32
     # config
     export_hf(model, tok, str(tmp_path / "bf16"), master=True, dtype=torch.bfloat16)
-    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    assert read_json(tmp_path / "bf16" / "config.json")["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
     # (save_pretrained itself turns it into a str)
     assert str(model.config.dtype).endswith("float32")
