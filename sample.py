@@ -182,8 +182,8 @@ def choose(logits, positions, seeds, s, with_prob=False):
 # the KV cache: one row per sequence, each with its own length
 
 class RowLayer(CacheLayerMixin):
-    """One layer of a RowCache: keys and values [rows, kv_heads, capacity, head_dim], allocated
-    once."""
+    """One layer of a RowCache: keys and values [rows, kv_heads, slots, head_dim], the slots grown in
+    steps of 16 up to the capacity (all of it at once when compiled)."""
     is_compileable, is_sliding = True, False
 
     def __init__(self, cache):
@@ -191,26 +191,40 @@ class RowLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states, value_states):
-        shape = (self.cache.rows, key_states.shape[1], self.cache.capacity)
-        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
-        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
-        if not torch.compiler.is_compiling():  # fixed addresses allow a CUDA graph
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+        self.keys = key_states.new_zeros(self.cache.rows, key_states.shape[1], 0,
+                                         key_states.shape[-1])
+        self.values = value_states.new_zeros(self.cache.rows, value_states.shape[1], 0,
+                                             value_states.shape[-1])
         self.is_initialized = True
+
+    def grow(self, size):
+        """Slots 0..size-1, keeping what is written. Attention reads the whole tensor, contiguous:
+        a view of its first slots would be copied by SDPA at every step."""
+        keys, values = self.keys, self.values
+        self.keys = keys.new_zeros(*keys.shape[:2], size, keys.shape[-1])
+        self.values = values.new_zeros(*values.shape[:2], size, values.shape[-1])
+        self.keys[:, :, :keys.shape[2]], self.values[:, :, :values.shape[2]] = keys, values
+        if size == self.cache.capacity and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)  # fixed addresses allow a CUDA graph
+            torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Write each row's new tokens at that row's own slots; return the keys and values they
         attend over."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.keys.shape[2] < self.cache.kv_len:
+            self.grow(self.cache.kv_len)
+        if self.cache.all_rows:  # one scatter per tensor, its index shared by every layer
+            if self.cache.index is None:
+                self.cache.index = self.cache.write_at[:, None, :, None].expand_as(key_states)
+            self.keys.scatter_(2, self.cache.index, key_states)
+            self.values.scatter_(2, self.cache.index, value_states)
+            return self.keys, self.values
         rows, slots = self.cache.step_rows[:, None], self.cache.write_at
         self.keys[rows, :, slots] = key_states.transpose(1, 2)
         self.values[rows, :, slots] = value_states.transpose(1, 2)
-        keys, values = self.keys[:, :, :self.cache.kv_len], self.values[:, :, :self.cache.kv_len]
-        if self.cache.all_rows:
-            return keys, values
-        return keys[self.cache.step_rows], values[self.cache.step_rows]
+        return self.keys[self.cache.step_rows], self.values[self.cache.step_rows]
 
     def get_mask_sizes(self, query_length):
         return self.cache.capacity, 0
@@ -238,7 +252,16 @@ class RowCache(Cache):
         self.step_rows = None  # the cache rows taking part in this forward
         self.write_at = None  # [rows, queries]: the slot each new token is written to
         self.all_rows = True  # every row takes part (no gather)
-        self.kv_len = capacity  # slots attention reads this forward
+        self.index = None  # the scatter index of this forward's writes
+        self.kv_len = 0  # slots attention reads: every slot allocated so far
+
+    def attend(self, needed, fixed):
+        """The slots a forward reads: at least `needed`, in steps of 16 (a copy of the cache every
+        16 slots; attention over at most 15 unused ones), never fewer than before (every slot when
+        compiled: one shape)."""
+        self.kv_len = self.capacity if fixed else min(self.capacity,
+                                                      max(self.kv_len, ceil_to(needed, 16)))
+        return self.kv_len
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,7 +292,7 @@ def forward(model, cache, rows, tokens, pos, msk, mask, write_at, kv_len, keep, 
     """Run fn (the model forward) for the cache rows `rows` (a tensor of slots), each writing its
     new tokens at write_at; msk turns gated adapters on at the masks."""
     cache.step_rows, cache.write_at, cache.kv_len = rows, write_at, kv_len
-    cache.all_rows = len(rows) == cache.rows
+    cache.all_rows, cache.index = len(rows) == cache.rows, None
     set_gate(model, msk)  # a gated adapter (lora.py) acts on the masks only: ar runs the base
     return fn(model, cache, tokens, pos, mask, keep)
 
@@ -287,7 +310,7 @@ def feed(model, cache, rows, lengths, items, keep, fn=model_forward, fixed=False
     msk = msk.bool()
     counts = torch.tensor([len(x) for x in items], device=device)[:, None]
     real = torch.arange(width, device=device) >= width - counts  # left padding
-    kv_len = cache.capacity if fixed else min(cache.capacity, ceil_to(max(lengths) + width + 1, 64))
+    kv_len = cache.attend(max(lengths) + width + 1, fixed)
     length = torch.tensor(lengths, device=device)[:, None]
     write_at = torch.where(real, length + torch.arange(width, device=device) - (width - counts),
                            length + width)
@@ -325,10 +348,10 @@ def feed_uniform(model, cache, rows, length, longest, tokens, shape, fn=model_fo
     the largest, an int), tokens [n, Q]. Returns the float logits of every query (ar: the last)."""
     pos_off, _, msk, visible = shape
     n, Q = tokens.shape
-    kv_len = cache.capacity if fixed else min(cache.capacity, ceil_to(longest + Q + 1, 64))
+    kv_len = cache.attend(longest + Q, fixed)
     length = length[:, None]
     rel = cache.slots[:kv_len] - length  # [n, kv]: a slot's place after the row's cached tokens
-    mask = (rel < 0)[:, None, :] | visible[:, rel.clamp(0, Q)].transpose(0, 1)
+    mask = ((rel < 0)[:, None, :] | visible[:, rel.clamp(0, Q)].transpose(0, 1)).contiguous()
     write_at = length + torch.arange(Q, device=tokens.device)
     return forward(model, cache, rows, tokens, length + pos_off, msk.expand(n, Q), mask[:, None],
                    write_at, kv_len, 1 if Q == 1 else 0, fn)
@@ -460,6 +483,12 @@ class Decoder:
         self.fn = compiled_forward(model) if fixed else model_forward
         self.shapes = {}
         self.tp_mesh = getattr(model, "next_block_tp", (None,))[0]  # tensor parallel: a group
+        # what ar and lossless steps feed, per cache row, kept on the device: cached tokens, the
+        # pending token, the drafts, the seed
+        zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.length, self.last, self.seed = zeros, zeros.clone(), zeros.clone()
+        self.draft = torch.zeros(rows, max(self.D, 1), dtype=torch.long, device=self.device)
+        self.every = torch.arange(rows, device=self.device)
 
     def agree(self, m):
         """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice."""
@@ -519,7 +548,14 @@ class Decoder:
         """What each row accepts from a forward over [pending][masks] (prefill, block, adaptive):
         the token after pending, then (block) every offset, (adaptive) the confident ones, or
         (lossless) none: they are the first drafts."""
-        tokens, probs = choose(logits, positions, self.seeds(rows), self.sampling, with_prob=True)
+        seeds = self.seeds(rows)
+        tokens, probs = choose(logits, positions, seeds, self.sampling, with_prob=True)
+        if self.mode in ("ar", "lossless"):  # the device state the next steps read
+            at = torch.tensor([r.slot for r in rows], device=self.device)
+            self.length[at] = torch.tensor([r.length + len(r.pending) for r in rows],
+                                           device=self.device)
+            self.last[at], self.seed[at] = tokens[:, 0], seeds
+            self.draft[at, :tokens.shape[1] - 1] = tokens[:, 1:]
         for row, lg, new, p in zip(rows, logits, tokens.tolist(), probs.tolist()):
             row.forwards += 1
             row.length += len(row.pending)  # what this forward fed as clean tokens is now cached
@@ -542,39 +578,40 @@ class Decoder:
             return self.block_step(busy)
         t0 = time.perf_counter()
         rows = list(self.slots) if self.fixed else busy  # with compile, idle rows run as padding
-        live = [r is not None and not r.done for r in rows]
         k = m = 0
         if self.mode == "lossless":
             m = self.agree(self.drafts if self.policy is None else self.policy.best(len(rows)))
             k = min(m, min(len(r.drafts) for r in busy))
         n, Q, dev = len(rows), queries(k, m), self.device
-        slots = torch.tensor([r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))],
-                             device=dev)
-        lengths = [r.length if ok else 0 for r, ok in zip(rows, live)]
-        tokens = torch.tensor([r.pending + r.drafts[:k] + [self.mask_id] * ((k + 1) * m) if ok
-                               else [0] * Q for r, ok in zip(rows, live)], device=dev)
-        length, seeds = torch.tensor(lengths, device=dev), self.seeds(rows)
-        logits = feed_uniform(self.model, self.cache, slots, length, max(lengths), tokens,
-                              self.shape(k, m), self.fn, self.fixed)
+        at = self.every if len(rows) == len(self.slots) else torch.tensor([r.slot for r in rows],
+                                                                             device=dev)
+        length, seeds = self.length[at], self.seed[at]
+        masks_ = length.new_full((n, (k + 1) * m), self.mask_id if m else 0)
+        tokens = torch.cat([self.last[at, None], self.draft[at, :k], masks_], 1)
+        logits = feed_uniform(self.model, self.cache, at, length, max(r.length for r in busy),
+                              tokens, self.shape(k, m), self.fn, self.fixed)
         pos = length[:, None] + 1 + torch.arange(k + 1, device=dev)
         verified = choose(logits[:, :k + 1], pos, seeds, self.sampling)
         accepted = (tokens[:, 1:k + 1] == verified[:, :k]).long().cumprod(1).sum(1)
+        bonus = verified.gather(1, accepted[:, None])
+        self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
         out = [verified, accepted[:, None]]
         if m:  # the next drafts: those of the group after the last accepted token
             groups = logits[:, k + 1:].unflatten(1, (k + 1, m))[torch.arange(n, device=dev),
                                                                  accepted]
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
             out.append(choose(groups, gpos, seeds, self.sampling))
+            self.draft[at, :m] = out[-1]
         host = torch.cat(out, 1).tolist()
-        for row, ok, lg, h in zip(rows, live, logits, host):
-            if not ok:
+        for row, lg, h in zip(rows, logits, host):
+            if row is None or row.done:  # an idle slot of a compiled step: its state is unused
                 continue
-            verified, a = h[:k + 1], h[k + 1]
+            a = h[k + 1]
             row.forwards += 1
             row.shapes[f"{k},{m}"] += 1
             row.length += 1 + a  # pending and the accepted drafts are cached; the bonus is pending
-            self.accept(row, row.drafts[:a] + [verified[a]], lg[:a + 1])
-            row.pending = [verified[a]]
+            self.accept(row, row.drafts[:a] + [h[a]], lg[:a + 1])
+            row.pending = [h[a]]
             if self.mode == "lossless":
                 self.new_drafts(row, h[k + 2:])
                 if self.policy is not None:
