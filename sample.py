@@ -369,17 +369,24 @@ class DraftPolicy:
     """drafts='auto': the k of each lossless step (all rows alike; m = k masks per group, so that
     the next step has k drafts), chosen to maximise expected tokens per second. Expected tokens =
     1 + sum_j prod_{i<=j} a_i, with a_i the measured rate at which draft i is right given the ones
-    before it (every draft is scored against the tokens finally written, verified or not). Seconds:
-    a step's measured time when steps of its size have run (a moving average), else the forward's
-    calibrated time (measured on the device once per batch size: kept per model, device and dtype)
-    plus what a step has been measured to cost beyond its forward."""
+    before it (every draft is scored against the tokens finally written, verified or not). Seconds,
+    per batch size (rows rounded up to a power of two) and k: the measured time of such steps, a
+    moving average; a k not yet measured is priced by a calibration (a forward of each k, timed on
+    the device when a batch larger than any calibrated appears; smaller ones are read off a line
+    through it) times what real steps have cost over theirs (caches grow, a step does more than its
+    forward). Every 32 steps of a batch size, two steps take another k in turn, so that a price
+    left behind by a growing cache, a changing load or a poor calibration is measured again."""
 
     def __init__(self, D):
         self.D, self.right, self.tried = D, [0] * D, [0] * D
-        self.points = []  # [(rows x queries, seconds of a forward)]: the calibrations
-        self.calibrated = set()  # the batch sizes (cache rows) calibrated
-        self.steps = {}  # rows x queries -> seconds of a whole step, measured
-        self.extra = None  # seconds a step costs beyond its forward, measured
+        self.forward = {}  # batch size -> [seconds of a forward with k drafts, k = 0..D]
+        self.steps = {}  # (batch size, k) -> seconds of a whole step, measured
+        self.factor = {}  # batch size ("last": the latest) -> step seconds / forward seconds
+        self.taken = Counter()  # steps chosen per batch size
+
+    @staticmethod
+    def size(n):
+        return 1 << (n - 1).bit_length()
 
     def rate(self, i):
         return (self.right[i] + 1) / (self.tried[i] + 2)
@@ -391,32 +398,46 @@ class DraftPolicy:
             tokens += p
         return tokens
 
-    def forward_seconds(self, tokens):
-        """A forward of `tokens` query tokens: interpolated between calibration points, flat below
-        the smallest (all overhead), linear beyond the largest."""
-        xs, ys = zip(*self.points)
-        if tokens <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(self.points, self.points[1:]):
-            if tokens <= x1:
-                return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
-        return ys[-1] + (ys[-1] - ys[0]) / max(xs[-1] - xs[0], 1) * (tokens - xs[-1])
+    def calibrated(self, n):
+        """Whether steps of n rows have prices: a batch size this large or larger calibrated."""
+        return any(b >= self.size(n) for b in self.forward)
 
-    def seconds(self, tokens):
-        if tokens in self.steps:
-            return self.steps[tokens]
-        return self.forward_seconds(tokens) + (self.extra or 0.0)
+    def forward_seconds(self, n, k):
+        """A forward of n rows with k drafts: calibrated at its batch size, or read off a line
+        (seconds = base + slope x queries) through the next larger batch size calibrated."""
+        b = self.size(n)
+        if b in self.forward:
+            return self.forward[b][k]
+        above = min(c for c in self.forward if c > b)
+        xs = [above * queries(j, j) for j in range(self.D + 1)]
+        ys = self.forward[above]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) /
+                    max(sum((x - mx) ** 2 for x in xs), 1e-12), 0.0)
+        return max(max(my - slope * mx, 0.0) + slope * n * queries(k, k), 1e-9)
+
+    def seconds(self, n, k):
+        b = self.size(n)
+        factor = self.factor.get(b, self.factor.get("last", 1.0))
+        return self.steps.get((b, k)) or self.forward_seconds(n, k) * factor
 
     def best(self, n):
-        rates = [self.expected(k) / self.seconds(n * queries(k, k)) for k in range(self.D + 1)]
-        return max(range(self.D + 1), key=lambda k: (rates[k], -k))
+        best = max(range(self.D + 1), key=lambda k: (self.expected(k) / self.seconds(n, k), -k))
+        self.taken[self.size(n)] += 1
+        t = self.taken[self.size(n)]
+        if self.D and t % 32 >= 30:  # two steps: the first drafts, the second is measured
+            others = [k for k in range(self.D + 1) if k != best]
+            return others[t // 32 % len(others)]
+        return best
 
-    def observe(self, tokens, seconds):
-        """A step of `tokens` query tokens took `seconds`, everything included."""
+    def observe(self, n, k, seconds):
+        """A step of n rows with k drafts took `seconds`, everything included."""
         def average(old, new):
             return new if old is None else 0.7 * old + 0.3 * new
-        self.steps[tokens] = average(self.steps.get(tokens), seconds)
-        self.extra = average(self.extra, seconds - self.forward_seconds(tokens))
+        b = self.size(n)
+        self.steps[b, k] = average(self.steps.get((b, k)), seconds)
+        self.factor[b] = self.factor["last"] = average(self.factor.get(b),
+                                                      seconds / self.forward_seconds(n, k))
 
     def score(self, drafts, written):
         """Count how many of drafts (the tokens after some position) agree with the tokens
@@ -576,13 +597,17 @@ class Decoder:
         """One decoding step of the busy rows (all rows with compile: one shape, one graph)."""
         if self.mode in ("block", "adaptive"):
             return self.block_step(busy)
-        t0 = time.perf_counter()
         rows = list(self.slots) if self.fixed else busy  # with compile, idle rows run as padding
-        k = m = 0
-        if self.mode == "lossless":
-            m = self.agree(self.drafts if self.policy is None else self.policy.best(len(rows)))
-            k = min(m, min(len(r.drafts) for r in busy))
-        n, Q, dev = len(rows), queries(k, m), self.device
+        if self.policy is not None and not self.policy.calibrated(len(rows)):
+            calibrate(self, busy)
+        t0 = time.perf_counter()
+        m = 0  # ar
+        if self.policy is not None:  # lossless, drafts='auto'
+            m = self.agree(self.policy.best(len(rows)))
+        elif self.mode == "lossless":
+            m = self.drafts
+        k = min(m, min(len(r.drafts) for r in busy))
+        n, dev, seen = len(rows), self.device, (k, m) in self.shapes
         at = self.every if len(rows) == len(self.slots) else torch.tensor([r.slot for r in rows],
                                                                              device=dev)
         length, seeds = self.length[at], self.seed[at]
@@ -616,8 +641,8 @@ class Decoder:
                 self.new_drafts(row, h[k + 2:])
                 if self.policy is not None:
                     self.score_drafts(row)
-        if self.policy is not None:  # the whole step, as decoding pays for it
-            self.policy.observe(n * Q, time.perf_counter() - t0)
+        if self.policy is not None and k == m and seen:  # a steady step, as decoding pays for it
+            self.policy.observe(n, m, time.perf_counter() - t0)
 
     def block_step(self, busy):
         """block and adaptive: [pending][B-1 masks] after each row's cached tokens."""
@@ -643,15 +668,16 @@ def _confident_run(preds, probs, threshold):
 
 
 def calibrate(decoder, busy):
-    """Time a forward of each candidate shape on the current rows (after a warm-up run of each,
-    which also compiles it): cost points of the draft policy. These steps write nothing that counts: every
-    slot they fill lies past its row's length, overwritten by the row's next real step."""
+    """Time a forward of each k on the current rows (the best of three after a warm-up run, which
+    also compiles it): the draft policy's prices at this batch size. These forwards write nothing
+    that counts: every slot they fill lies past its row's length, overwritten by its next step."""
     rows = list(decoder.slots) if decoder.fixed else busy
     live = [r is not None and not r.done for r in rows]
     n, dev = len(rows), decoder.device
     slots = torch.tensor([r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))],
                          device=dev)
     lengths = [r.length if ok else 0 for r, ok in zip(rows, live)]
+    seconds = []
     for k in range(decoder.D + 1):
         tokens = torch.full((n, queries(k, k)), decoder.mask_id, device=dev)
         times = []
@@ -661,9 +687,8 @@ def calibrate(decoder, busy):
                          max(lengths), tokens, decoder.shape(k, k), decoder.fn,
                          decoder.fixed)[0, 0, 0].item()
             times.append(time.perf_counter() - t0)
-        decoder.policy.points.append((tokens.numel(), min(times[1:])))
-    decoder.policy.points.sort()
-    decoder.policy.calibrated.add(decoder.cache.rows)
+        seconds.append(min(times[1:]))
+    decoder.policy.forward[decoder.policy.size(n)] = seconds
 
 
 @torch.inference_mode()
@@ -727,8 +752,6 @@ def generate(model, prompts, mode="ar", max_new_tokens=256, *, block_size=None,
         if new:
             dec.prefill(new)
         busy = [r for r in dec.slots if r is not None and not r.done]
-        if busy and policy is not None and rows not in policy.calibrated:
-            calibrate(dec, busy)
         if busy:
             dec.step(busy)
         for s, r in enumerate(dec.slots):

@@ -384,18 +384,11 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
     want = generate(model, prompts, "ar", 4, MASK, 20, eos_token_id=9, batch_size=64,
                     temperature=0.8, top_p=0.9)
 
-    class Scripted_:
-        def __init__(self, D):
-            self.D, self.rng, self.calibrated = D, random.Random(0), range(1, 100)
+    class Scripted_(sample.DraftPolicy):  # calibrates and measures as usual, then picks at random
+        rng = random.Random(0)
 
         def best(self, n):
             return self.rng.randrange(self.D + 1)
-
-        def observe(self, tokens, seconds):
-            pass
-
-        def score(self, drafts, written):
-            pass
 
     monkeypatch.setattr(sample, "draft_policy", lambda model, D, fixed, sampling: Scripted_(D))
     for batch_size in (1, 8, 64):
@@ -408,17 +401,35 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
 
 def test_the_draft_policy_weighs_acceptance_against_cost():
     policy = sample.DraftPolicy(3)
-    policy.points = [(64, 1.0), (256, 4.0), (640, 10.0), (1024, 16.0)]  # compute-bound: linear
+    policy.forward[64] = [1.0, 4.0, 9.0, 16.0]  # compute-bound: a forward costs its queries
     for _ in range(100):
         policy.score([1, 2, 3], [1, 2, 3])  # every draft right: 4 tokens per step
     assert policy.best(64) == 0  # 4 tokens for 16x the cost: ar wins
-    policy.points = [(1, 1.0), (16, 1.2)]  # a GPU at batch 1: queries nearly free
+    policy.forward[1] = [1.0, 1.05, 1.1, 1.2]  # a GPU at batch 1: queries nearly free
     assert policy.best(1) == 3
     bad = sample.DraftPolicy(3)
-    bad.points = policy.points
+    bad.forward = policy.forward
     for _ in range(100):
         bad.score([1, 2, 3], [9, 9, 9])  # drafts never right
     assert bad.best(1) == 0
+
+
+def test_the_draft_policy_believes_measured_steps_and_measures_the_others_again():
+    policy = sample.DraftPolicy(3)
+    policy.forward[8] = [1.0, 1.1, 1.2, 1.3]  # calibrated: drafts nearly free
+    for _ in range(100):
+        policy.score([1, 2, 3], [1, 2, 3])
+    assert policy.best(5) == 3  # 5 rows are priced at the batch size 8
+    for _ in range(10):
+        policy.observe(6, 3, 8.0)  # but a real step of 3 drafts costs 8x ar's forward
+    policy.observe(6, 0, 1.0)
+    assert policy.seconds(7, 2) == 1.2 * policy.factor[8]  # not measured: calibration x factor
+    choices = [policy.best(8) for _ in range(64)]
+    assert choices.count(0) == 60  # every 32 steps, two steps of another k, in turn:
+    assert choices[28:30] == [1, 1] and choices[60:62] == [2, 2]  # (the 30th and 31st calls)
+    assert policy.calibrated(3) and not policy.calibrated(9)
+    policy.forward[8] = [1.0, 4.0, 9.0, 16.0]  # seconds = 1/8 x rows x queries: 3 rows, 4 queries
+    assert abs(policy.forward_seconds(3, 1) - 1.5) < 1e-9
 
 
 def test_pass_at_k_and_majority_vote():
