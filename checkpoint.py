@@ -356,6 +356,7 @@ def export_hf(model, tokenizer, path, master, dtype=None):
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state, adapter = lora.split_state(state)  # the base weights unchanged, the adapter apart
+    state = {k: v for k, v in state.items() if k != tied_output_key(unwrap(model), state)}
     unwrap(model).save_pretrained(path, state_dict=state)
     if adapter:
         lora.save_adapter(adapter, path)
@@ -364,6 +365,21 @@ def export_hf(model, tokenizer, path, master, dtype=None):
         config.dtype = dtype
         config.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def tied_output_key(model, state):
+    """The output embedding's key when it is tied to the input embedding (its copy in a gathered
+    state dict is left out, as save_pretrained leaves it out of a single process's export), else
+    None."""
+    out = model.get_output_embeddings()
+    if out is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return None
+    key = next((f"{name}.weight" for name, m in model.named_modules() if m is out), None)
+    inputs = next((f"{name}.weight" for name, m in model.named_modules()
+                   if m is model.get_input_embeddings()), None)
+    if key in state and inputs in state and torch.equal(state[key], state[inputs]):
+        return key
+    return None
 
 
 def _state(model, optimizer):

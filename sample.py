@@ -919,7 +919,7 @@ def table(rows):
     cells = [cols] + [[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
                       for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
 def sampling_from(folder, temperature, top_k, top_p, min_p):

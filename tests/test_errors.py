@@ -2,15 +2,17 @@
 ...`), exit code 1, no traceback, nothing slow done first. `python tests/test_errors.py` prints the
 table that docs/errors.md shows (from real runs)."""
 
-import pytest
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT, TINY, tiny_model, write_parquet
 
-pytestmark = pytest.mark.slow  # subprocesses: train.py, sample.py, torchrun
+pytestmark = pytest.mark.slow  # the scripts, run as processes
 
 
 TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
@@ -311,8 +313,9 @@ def fixtures(tmp):
     demo_tokenizer().save_pretrained(tmp / "gpt2")
 
 
-def run(script, args, tmp, ckpt="", case=0):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+def run(server, script, args, tmp, ckpt="", case=0):
+    """`python script args` for one case, forked by a forkrun.py server: a CompletedProcess."""
+    env = {}
     argv = []
     for a in args:
         if a.startswith("WORLD_SIZE="):
@@ -320,29 +323,35 @@ def run(script, args, tmp, ckpt="", case=0):
         else:
             argv.append(a.format(tmp=tmp, ckpt=ckpt))
     # the case's own arguments come after, and win
-    base = (
-        TINY + [f"--out_dir={tmp}/out{case}", f"--train_files={tmp}/train.parquet", "--max_steps=1"]
-        if script == "train.py"
-        else ["--device=cpu"]
-    )
-    return subprocess.run(
-        [sys.executable, script, *base, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    base = (TINY + [f"--out_dir={tmp}/out{case}", f"--train_files={tmp}/train.parquet", "--max_steps=1"]
+            if script == "train.py" else ["--device=cpu"])
+    out, err = f"{tmp}/case{case}.out", f"{tmp}/case{case}.err"
+    request = {"script": script, "args": [*base, *argv], "env": env, "out": out, "err": err}
+    server.stdin.write(json.dumps(request) + "\n")
+    server.stdin.flush()
+    code = int(server.stdout.readline())
+    with open(out) as o, open(err) as e:
+        return subprocess.CompletedProcess([script, *argv], code, o.read(), e.read())
 
 
-def all_cases(tmp, ckpt):
+def all_cases(tmp, ckpt, servers=3):
+    """Every case, run by `servers` forkrun.py processes side by side: [(case, CompletedProcess)]."""
     cases = [("train.py", *c) for c in TRAIN] + [("sample.py", *c) for c in SAMPLE] + \
         [("bench.py", *c) for c in BENCH]
-    with ThreadPoolExecutor(3) as pool:
-        results = list(
-            pool.map(lambda ic: run(ic[1][0], ic[1][2], tmp, ckpt, ic[0]), enumerate(cases))
-        )
-    return list(zip(cases, results))
+
+    def shard(first):
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        with subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkrun.py")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env) as server:
+            done = [(i, run(server, c[0], c[2], tmp, ckpt, i))
+                    for i, c in enumerate(cases) if i % servers == first]
+            server.stdin.close()
+        return done
+
+    with ThreadPoolExecutor(servers) as pool:
+        results = dict(r for done in pool.map(shard, range(servers)) for r in done)
+    return [(c, results[i]) for i, c in enumerate(cases)]
 
 
 def test_every_mistake_is_one_line(tmp_path, train_file, trained_demo):

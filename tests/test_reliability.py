@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # subprocesses: train.py, torchrun, kill -9
 def samples_per_step(out_dir):
     """{step: sample ids} from samples.jsonl (log_samples=True); the last row of a step wins."""
     rows = jsonl(os.path.join(out_dir, "samples.jsonl"))
-    return {r["step"]: r["samples"] for r in rows}
+    return {r["step"]: r["samples"] for r in rows if "samples" in r}  # not the markers
 
 
 def debris(out_dir):
@@ -85,17 +85,17 @@ def test_random_kill_9_never_loses_or_mixes_anything(tmp_path, train_file, launc
         args += ["--gradient_accumulation_steps=2", "--parallel=ddp"]
     ref = tmp_path / "ref"
     p = start(ref, args, wrap)
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
     out, rng = tmp_path / "faults", random.Random(0)
     for attempt in range(kills):
         p = start(out, args, wrap)
-        rows = (
-            sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
-        )
+        metrics = out / "metrics.jsonl"
+        rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         wait_for_rows(out, rows + 1, p)  # it has resumed and is training
         time.sleep(rng.uniform(0, 0.6))  # somewhere in a step, a save or a prune
         p.kill()
-        p.wait()
+        p.communicate()
         # torchrun's workers notice their launcher is gone within a second
         deadline = time.time() + 30
         while processes_using(out) and time.time() < deadline:
@@ -147,7 +147,7 @@ def test_two_trainers_on_one_out_dir(tmp_path, train_file):
     wait_for_rows(tmp_path, 2, first)
     p = train(tmp_path, f"--train_files={train_file}", "--max_steps=5", check=False)
     first.kill()
-    first.wait()
+    first.communicate()
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert f"out_dir '{tmp_path}' is in use by another trainer (pid {first.pid} on " in p.stderr
     # the holder died (kill -9): its lock went with it
@@ -235,9 +235,9 @@ def assert_full_disk_line(p, start):
 
 
 def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(tmp_path, train_file):
-    """out_dir on a small tmpfs (needs mount rights: skipped without them): the first checkpoint
-    fits, the second does not. One line names the path and the OS reason; the first checkpoint is
-    intact and resumes.
+    """out_dir on a small tmpfs (needs mount rights: skipped without them) that holds a checkpoint or
+    two, not three. One line names the path and the OS reason; the checkpoints that fitted are intact
+    and the newest resumes.
     """
     mnt = tmp_path / "small"
     out = mnt / "run"
@@ -245,11 +245,11 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(tmp_path, train_f
     p = train_on_small_tmpfs(mnt, "1200k", f"{args} --keep_last=0", f"cp -r {out} {tmp_path}/after")
     assert_full_disk_line(p, "error: cannot save ")
     after = tmp_path / "after"
-    assert os.path.exists(after / "global_step_1" / "checkpoint.json") and debris(after) == []
-    p = train(
-        after, f"--train_files={train_file}", "--batch_size=2", "--max_steps=3", "--save_every=1"
-    )
-    assert "resumed from" in p.stdout and "global_step_1" in p.stdout
+    saved = sorted(int(n.rsplit("_", 1)[1]) for n in os.listdir(after) if n.startswith("global_step_"))
+    assert saved and saved[-1] < 3 and debris(after) == []
+    assert all(os.path.exists(after / f"global_step_{n}" / "checkpoint.json") for n in saved)
+    p = train(after, f"--train_files={train_file}", "--batch_size=2", "--max_steps=3", "--save_every=1")
+    assert f"resumed from {after / f'global_step_{saved[-1]}'} " in p.stdout, p.stdout
 
 
 def test_ctrl_c_saves_like_sigterm_and_twice_aborts(tmp_path, train_file):
@@ -512,8 +512,7 @@ def test_resume_disable_moves_the_sample_log_and_a_finished_run_logs_no_resume(t
     train(tmp_path, *args)  # nothing to do: no resume marker
     marks = [r for r in jsonl(tmp_path / "metrics.jsonl") if "event" in r]
     assert [m["event"] for m in marks] == ["start"]
-    assert [json.loads(line).get("event") for line in open(tmp_path / "samples.jsonl")][0] == \
-        "start"
+    assert jsonl(tmp_path / "samples.jsonl")[0].get("event") == "start"
     train(tmp_path, *args, "--resume=disable")
     moved = glob.glob(str(tmp_path / "previous_runs" / "*" / "samples.jsonl"))
     assert len(moved) == 1 and len(jsonl(moved[0])) == 3  # the marker and 2 steps

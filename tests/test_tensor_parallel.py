@@ -76,7 +76,7 @@ def test_checkpoints_move_across_tensor_and_data_parallel_sizes(tmp_path, train_
     for step in (2, 6):  # exported by the tensor-parallel run, and at the end
         want, got = (load_file(os.path.join(d, f"global_step_{step}", "huggingface",
                                             "model.safetensors")) for d in (tmp_path / "one", run))
-        assert set(want) == set(got)
+        assert set(want) == set(got), (step, set(want) ^ set(got))
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
