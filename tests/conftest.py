@@ -1,6 +1,7 @@
 """Shared helpers: tiny random HF models, tokenizers, parquet writers. Everything runs on CPU in
 fp32."""
 
+import atexit
 import copy
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -246,18 +248,56 @@ def train_file(tmp_path_factory):
     return write_demo_data(str(tmp_path_factory.mktemp("data")), n_train=96, n_test=16)["train"]
 
 
+class ForkServer:
+    """tests/forkrun.py: `python script args`, forked from a process that imported torch and
+    transformers once (seconds saved per run). One request at a time; thread-safe."""
+
+    def __init__(self, env=None):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkrun.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+        self.dir, self.lock = tempfile.mkdtemp(prefix="forkrun-"), threading.Lock()
+
+    def run(self, script, args, env=None, timeout=600):
+        """Like subprocess.run([python, script, *args], capture_output=True, text=True)."""
+        out, err = os.path.join(self.dir, "out"), os.path.join(self.dir, "err")
+        request = {"script": script, "args": [str(a) for a in args], "env": env or {},
+                   "out": out, "err": err, "timeout": timeout}
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            code = int(self.proc.stdout.readline())
+            with open(out) as o, open(err) as e:
+                return subprocess.CompletedProcess([script, *args], code, o.read(), e.read())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_SERVER = []  # the session's ForkServer, started on first use
+
+
+def python(script, *args, env=None):
+    """`python script args` in ROOT (forked: see ForkServer), a CompletedProcess."""
+    if not _SERVER:
+        _SERVER.append(ForkServer())
+        atexit.register(_SERVER[0].close)
+    return _SERVER[0].run(script, args, env)
+
+
 def train(out_dir, *args, check=True, launcher=None, env=None, train_files=None):
     data_arg = [f"--train_files={train_files}"] if train_files else []
-    cmd = (
-        (launcher or [sys.executable])
-        + ["train.py"]
-        + TINY
-        + [f"--out_dir={out_dir}"]
-        + data_arg
-        + list(args)
-    )
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=run_env, timeout=600)
+    argv = TINY + [f"--out_dir={out_dir}"] + data_arg + list(args)
+    if launcher is None:
+        p = python("train.py", *argv, env=env)
+    else:
+        run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+        p = subprocess.run(launcher + ["train.py"] + argv, cwd=ROOT, capture_output=True,
+                           text=True, env=run_env, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(
             f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"

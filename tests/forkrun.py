@@ -1,14 +1,20 @@
 """Run many short `python script.py args` in a row without paying torch's and transformers' import each
 time: this process imports them once, then forks a child per request, which runs the script as
 `python script.py` would (its own argv, environment, sys.path and exit code; this project's modules
-imported fresh). Requests on stdin, one JSON line each: {"script", "args", "env", "out", "err"}
-(files for the child's stdout and stderr); one line back per request: its exit code."""
+imported fresh). Requests on stdin, one JSON line each: {"script", "args", "env" (set on top of this process's),
+"out", "err" (files for the child's stdout and stderr), "timeout"}; one line back per request: its
+exit code (-9: killed at the timeout).
+
+Only for tests of what a script prints and returns: a child shares this process's imported
+third-party modules, so a test of start-up itself (imports, signals during them) runs a real process."""
 
 import atexit
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 import traceback
 
 import numpy  # noqa: F401  (the slow imports, done once)
@@ -56,5 +62,9 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         child(request)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
+    deadline = time.time() + request.get("timeout", 600)
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.time() > deadline:  # as subprocess.run's timeout would: the test fails, not hangs
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+    print(os.waitstatus_to_exitcode(done[1]), flush=True)

@@ -2,15 +2,13 @@
 ...`), exit code 1, no traceback, nothing slow done first. `python tests/test_errors.py` prints the
 table that docs/errors.md shows (from real runs)."""
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ROOT, TINY, tiny_model, write_parquet
+from conftest import ROOT, TINY, ForkServer, tiny_model, write_parquet
 
 pytestmark = pytest.mark.slow  # the scripts, run as processes
 
@@ -314,7 +312,7 @@ def fixtures(tmp):
 
 
 def run(server, script, args, tmp, ckpt="", case=0):
-    """`python script args` for one case, forked by a forkrun.py server: a CompletedProcess."""
+    """`python script args` for one case, forked by a ForkServer: a CompletedProcess."""
     env = {}
     argv = []
     for a in args:
@@ -325,29 +323,21 @@ def run(server, script, args, tmp, ckpt="", case=0):
     # the case's own arguments come after, and win
     base = (TINY + [f"--out_dir={tmp}/out{case}", f"--train_files={tmp}/train.parquet", "--max_steps=1"]
             if script == "train.py" else ["--device=cpu"])
-    out, err = f"{tmp}/case{case}.out", f"{tmp}/case{case}.err"
-    request = {"script": script, "args": [*base, *argv], "env": env, "out": out, "err": err}
-    server.stdin.write(json.dumps(request) + "\n")
-    server.stdin.flush()
-    code = int(server.stdout.readline())
-    with open(out) as o, open(err) as e:
-        return subprocess.CompletedProcess([script, *argv], code, o.read(), e.read())
+    return server.run(script, [*base, *argv], env, timeout=300)
 
 
 def all_cases(tmp, ckpt, servers=3):
-    """Every case, run by `servers` forkrun.py processes side by side: [(case, CompletedProcess)]."""
+    """Every case, run by `servers` ForkServers side by side: [(case, CompletedProcess)]."""
     cases = [("train.py", *c) for c in TRAIN] + [("sample.py", *c) for c in SAMPLE] + \
         [("bench.py", *c) for c in BENCH]
 
     def shard(first):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        with subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkrun.py")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=env) as server:
-            done = [(i, run(server, c[0], c[2], tmp, ckpt, i))
+        server = ForkServer({"CUDA_VISIBLE_DEVICES": ""})
+        try:
+            return [(i, run(server, c[0], c[2], tmp, ckpt, i))
                     for i, c in enumerate(cases) if i % servers == first]
-            server.stdin.close()
-        return done
+        finally:
+            server.close()
 
     with ThreadPoolExecutor(servers) as pool:
         results = dict(r for done in pool.map(shard, range(servers)) for r in done)

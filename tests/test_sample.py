@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, jsonl, read_json, tiny_model, write_parquet
+from conftest import ROOT, jsonl, python, read_json, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
@@ -484,14 +484,7 @@ def test_grading_real_benchmarks():
 # ---------------- the command line, on a briefly trained model
 
 def sample_cli(*args):
-    return subprocess.run(
-        [sys.executable, "sample.py", "--device=cpu", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    return python("sample.py", "--device=cpu", *args)
 
 
 @pytest.mark.slow
