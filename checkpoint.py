@@ -219,8 +219,9 @@ def set_aside(path):
 
 def prepare(out_dir, config, compared, run_id, device):
     """Own out_dir for this run before anything slow happens: rank 0 checks that it is writable,
-    takes the lock and sweeps the debris of crashes; with resume='auto' a run there whose settings `compared`
-    differ from config is refused; with resume='disable' that run is moved to previous_runs/.
+    takes the lock and sweeps the debris of crashes; with resume='auto' a run there whose settings
+    `compared` differ from config is refused; with resume='disable' that run is moved to
+    previous_runs/.
     Returns (the lock file or None, the newest readable checkpoint.json to resume or None)."""
     error, held, master = None, None, dist_info()[0] == 0
     if master:
@@ -547,9 +548,9 @@ def _cause(error):
 
 def resume(out_dir, model, optimizer, device):
     """Load the newest checkpoint whose files are what was saved (every rank calls this). A newer
-    one that is not is set aside as *.corrupt with one line saying why; any other failure to load stops
-    the run with one line and renames nothing (it may be passing: a file system, memory). Returns
-    (path, checkpoint.json, whether this rank's RNG state was restored) or (None, None, None)."""
+    one that is not is set aside as *.corrupt with one line saying why; any other failure to load
+    stops the run with one line and renames nothing (it may be passing: a file system, memory).
+    Returns (path, checkpoint.json, whether this rank's RNG state was restored) or three Nones."""
     for _, path in reversed(checkpoints(out_dir)):
         error = None
         try:

@@ -58,7 +58,7 @@ def _print_user_errors(kind, value, tb):
         os._exit(1)
 
 
-sys.excepthook = _print_user_errors  # from the first import on: Ctrl-C while torch loads is one line
+sys.excepthook = _print_user_errors  # from the first import on: Ctrl-C while torch loads: a line
 
 
 def config_keys(g):

@@ -143,8 +143,8 @@ def gumbel(seeds, positions, ids):
 def filtered(logits, s):
     """(scores, ids): logits / temperature with top-k, top-p and min-p applied, removed tokens at
     -inf. With top-k or top-p only the candidates are kept, most likely first (ids: their token
-    ids); else every token (ids None). top-p keeps the smallest set whose mass reaches top_p (at least one
-    token), as HF's TopPLogitsWarper."""
+    ids); else every token (ids None). top-p keeps the smallest set whose mass reaches top_p (at
+    least one token), as HF's TopPLogitsWarper."""
     scores, ids = logits / s.temperature, None
     if s.top_k or s.top_p < 1.0:
         k = min(s.top_k or scores.shape[-1], scores.shape[-1])
@@ -182,8 +182,8 @@ def choose(logits, positions, seeds, s, with_prob=False):
 # the KV cache: one row per sequence, each with its own length
 
 class RowLayer(CacheLayerMixin):
-    """One layer of a RowCache: keys and values [rows, kv_heads, slots, head_dim], the slots grown in
-    steps of 16 up to the capacity (all of it at once when compiled)."""
+    """One layer of a RowCache: keys and values [rows, kv_heads, slots, head_dim], the slots grown
+    in steps of 16 up to the capacity (all of it at once when compiled)."""
     is_compileable, is_sliding = True, False
 
     def __init__(self, cache):

@@ -36,14 +36,12 @@ def tiny_model(arch="qwen3", vocab_size=128, attn="sdpa", seed=0, **overrides):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        initializer_range=0.3,
-    )
+        initializer_range=0.3)
     common.update(overrides)
     config = Qwen3Config(head_dim=16, tie_word_embeddings=True, **common) if arch == "qwen3" \
         else LlamaConfig(tie_word_embeddings=False, **common)
     model = AutoModelForCausalLM.from_config(
-        copy.deepcopy(config), attn_implementation=attn, dtype=torch.float32
-    )
+        copy.deepcopy(config), attn_implementation=attn, dtype=torch.float32)
     return model.eval()
 
 
@@ -54,92 +52,74 @@ FAMILIES = {  # template file: (special tokens, plain added tokens, bos, eos)
         ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
         ["<tool_call>", "</tool_call>"],
         None,
-        "<|im_end|>",
-    ),
+        "<|im_end|>"),
     "qwen3": (
         ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
         [
             "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
-            "</tool_response>"
-        ],
+            "</tool_response>"],
         None,
-        "<|im_end|>",
-    ),
+        "<|im_end|>"),
     "qwq": (
         ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
         ["<think>", "</think>", "<tool_call>", "</tool_call>"],
         None,
-        "<|im_end|>",
-    ),
+        "<|im_end|>"),
     "deepseek-r1-distill-qwen": (
         ["<｜User｜>", "<｜Assistant｜>"],
         [
             "<think>", "</think>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
             "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>",
-            "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-        ],
+            "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"],
         "<｜begin▁of▁sentence｜>",
-        "<｜end▁of▁sentence｜>",
-    ),
+        "<｜end▁of▁sentence｜>"),
     "deepseek-v3.1": (
         ["<｜User｜>", "<｜Assistant｜>"],
         [
             "<think>", "</think>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
             "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁output▁begin｜>",
-            "<｜tool▁output▁end｜>"
-        ],
+            "<｜tool▁output▁end｜>"],
         "<｜begin▁of▁sentence｜>",
-        "<｜end▁of▁sentence｜>",
-    ),
+        "<｜end▁of▁sentence｜>"),
     "llama-3.1": (
         ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"],
         [],
         "<|begin_of_text|>",
-        "<|eot_id|>",
-    ),
+        "<|eot_id|>"),
     "gemma-2": (["<start_of_turn>", "<end_of_turn>"], [], "<bos>", "<eos>"),
     "mistral-nemo": (
         [
             "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-            "[TOOL_RESULTS]", "[/TOOL_RESULTS]"
-        ],
+            "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
         [],
         "<s>",
-        "</s>",
-    ),
+        "</s>"),
     "phi-3.5-mini": (
         ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
         [],
         None,
-        "<|endoftext|>",
-    ),
+        "<|endoftext|>"),
     "command-r7b": (
         [
             "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
             "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>",
             "<|START_THINKING|>", "<|END_THINKING|>", "<|START_ACTION|>", "<|END_ACTION|>",
-            "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"
-        ],
+            "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"],
         [],
         "<BOS_TOKEN>",
-        "<|END_OF_TURN_TOKEN|>",
-    ),
+        "<|END_OF_TURN_TOKEN|>"),
     "gpt-oss": (
         [
             "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
-            "<|constrain|>"
-        ],
+            "<|constrain|>"],
         [],
         "<|startoftext|>",
-        "<|return|>",
-    ),
+        "<|return|>"),
     "apriel-1.5": (
         ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|content|>", "<|tool_result|>"],
         [],
         "<s>",
-        "</s>",
-    ),
-}
+        "</s>")}
 
 
 def byte_tokenizer(name):
@@ -199,8 +179,7 @@ def trained_demo(tmp_path_factory):
         "--n_embd=64",
         f"--max_steps={steps}",
         "--batch_size=8",
-        "--log_every=50",
-    ]
+        "--log_every=50"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return {"out_dir": str(root / "out"), "test": files["test"], "steps": steps, "stdout": p.stdout}
@@ -216,8 +195,7 @@ def example(prompt, response, block_size, mask_token_id, layout="split", block_o
         block_size,
         mask_token_id,
         layout,
-        block_offset,
-    )
+        block_offset)
 
 
 # ---------------- train.py as a user runs it
@@ -238,8 +216,7 @@ TINY = [
     "--log_every=1",
     "--learning_rate=3e-3",
     "--min_lr=3e-4",
-    "--warmup_ratio=0.1",
-]
+    "--warmup_ratio=0.1"]
 
 
 @pytest.fixture(scope="session")
@@ -300,23 +277,19 @@ def train(out_dir, *args, check=True, launcher=None, env=None, train_files=None)
                            text=True, env=run_env, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(
-            f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        )
+            f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
 def start(out_dir, args, launcher=None):
-    cmd = (
-        (launcher or [sys.executable]) + ["train.py"] + TINY + [f"--out_dir={out_dir}"] + list(args)
-    )
+    cmd = [*(launcher or [sys.executable]), "train.py", *TINY, f"--out_dir={out_dir}", *args]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def read_json(path):

@@ -1,12 +1,13 @@
-"""Run many short `python script.py args` in a row without paying torch's and transformers' import each
-time: this process imports them once, then forks a child per request, which runs the script as
-`python script.py` would (its own argv, environment, sys.path and exit code; this project's modules
-imported fresh). Requests on stdin, one JSON line each: {"script", "args", "env" (set on top of this process's),
-"out", "err" (files for the child's stdout and stderr), "timeout"}; one line back per request: its
-exit code (-9: killed at the timeout).
+"""Run many short `python script.py args` in a row without paying torch's and transformers' import
+each time: this process imports them once, then forks a child per request, which runs the script
+as `python script.py` would (its own argv, environment, sys.path and exit code; this project's
+modules imported fresh). Requests on stdin, one JSON line each: {"script", "args", "env" (set on
+top of this process's), "out", "err" (files for the child's stdout and stderr), "timeout"}; one
+line back per request: its exit code (-9: killed at the timeout).
 
 Only for tests of what a script prints and returns: a child shares this process's imported
-third-party modules, so a test of start-up itself (imports, signals during them) runs a real process."""
+third-party modules, so a test of start-up itself (imports, signals during them) runs a real
+process."""
 
 import atexit
 import json

@@ -17,8 +17,7 @@ from demo import demo_tokenizer
 USER = [{"role": "user", "content": "What is 2+2?"}]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOOLS = [
     {
         "type": "function",
@@ -28,19 +27,14 @@ TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
-                "required": ["a", "b"],
-            },
-        },
-    }
-]
+                "required": ["a", "b"]}}}]
 
 
 def encode(tok, prompt, target, **options):
     """(prompt ids, learned ids, notes) of a prompt/target row."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     ids, spans, notes = chat.Chat(tok, **options).encode(
-        messages + [{"role": "assistant", "content": target}], len(messages)
-    )
+        messages + [{"role": "assistant", "content": target}], len(messages))
     (s, e), = spans
     assert e == len(ids)
     return ids[:s], ids[s:], notes
@@ -56,8 +50,7 @@ def test_read_strings_and_chat_lists(tmp_path):
     a = write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo"}])
     b = write_parquet(
         tmp_path / "b.parquet",
-        [{"prompt": USER, "target": [{"role": "assistant", "content": "4"}]}],
-    )
+        [{"prompt": USER, "target": [{"role": "assistant", "content": "4"}]}])
     rows = chat.read_rows([a, b])
     assert [(m, first) for m, first, _, _ in rows] == [
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], 1),
@@ -69,8 +62,7 @@ def test_custom_keys_and_prompts_only(tmp_path):
     path = write_parquet(tmp_path / "a.parquet", [{"instruction": "hi", "output": "yo"}])
     assert chat.read_rows([path], "instruction", "output")[0][0][-1] == {
         "role": "assistant",
-        "content": "yo",
-    }
+        "content": "yo"}
     path = write_parquet(tmp_path / "p.parquet", [{"prompt": "hi"}])
     messages, first, _, _ = chat.read_rows([path], require_target=False)[0]
     assert first == 1 and chat.split_for_decoding(messages, first) == (messages, None)
@@ -87,35 +79,25 @@ def test_custom_keys_and_prompts_only(tmp_path):
         (
             {
                 "prompt": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}],
-                "target": "yo",
-            },
-            "row 1: column 'prompt' message 1 has unknown role 'robot'",
-        ),
+                "target": "yo"},
+            "row 1: column 'prompt' message 1 has unknown role 'robot'"),
         (
             {"prompt": "hi", "target": [{"role": "user", "content": "x"}]},
-            "row 1: column 'target' has no assistant",
-        ),
+            "row 1: column 'target' has no assistant"),
         (
             {"prompt": None, "target": "yo"},
-            "row 1: column 'prompt' must be a string or a list .* got NoneType",
-        ),
+            "row 1: column 'prompt' must be a string or a list .* got NoneType"),
         ({"prompt": [], "target": "yo"}, "row 1: column 'prompt' must be .* got an empty list"),
         (
             {"messages": [{"role": "user", "content": "a"}], "x": 1},
-            "row 1: column 'messages' has no assistant",
-        ),
+            "row 1: column 'messages' has no assistant"),
         (
             {
                 "messages": [
                     {"role": "user", "content": "a"},
-                    {"role": "assistant", "content": "b"},
-                ],
-                "tools": "{bad",
-            },
-            "row 1: column 'tools' is not valid JSON",
-        ),
-    ],
-)
+                    {"role": "assistant", "content": "b"}],
+                "tools": "{bad"},
+            "row 1: column 'tools' is not valid JSON")])
 def test_bad_rows_name_file_row_and_problem(tmp_path, row, message):
     # a parquet column holds one type: the good first row is of the same kind as the bad one
     good = {
@@ -128,12 +110,8 @@ def test_bad_rows_name_file_row_and_problem(tmp_path, row, message):
                 else (
                     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]
                     if k == "messages"
-                    else "[]" if k == "tools" else 1 if k == "x" else "ok"
-                )
-            )
-        )
-        for k, v in row.items()
-    }
+                    else "[]" if k == "tools" else 1 if k == "x" else "ok")))
+        for k, v in row.items()}
     rows = [row, row] if "question" in row else [good, row]
     path = write_parquet(tmp_path / "bad.parquet", rows)
     with pytest.raises(UserError, match=message) as e:
@@ -146,12 +124,10 @@ def test_non_string_content(tmp_path):
     import pyarrow.parquet as pq
     msgs = pa.array(
         [[{"role": "user", "content": 3}]],
-        pa.list_(pa.struct([("role", pa.string()), ("content", pa.int64())])),
-    )
+        pa.list_(pa.struct([("role", pa.string()), ("content", pa.int64())])))
     pq.write_table(pa.table({"prompt": msgs, "target": ["x"]}), tmp_path / "n.parquet")
     with pytest.raises(
-        UserError, match="row 0: column 'prompt' message 0 content must be a string, got int"
-    ):
+        UserError, match="row 0: column 'prompt' message 0 content must be a string, got int"):
         chat.read_rows([str(tmp_path / "n.parquet")])
 
 
@@ -174,16 +150,11 @@ def test_openai_style_tool_conversation_reads(tmp_path):
                 {
                     "id": "c1",
                     "type": "function",
-                    "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'},
-                }
-            ],
-        },
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
         {"role": "tool", "content": "4", "tool_calls": None, "tool_call_id": "c1"},
-        {"role": "assistant", "content": "4.", "tool_calls": None, "tool_call_id": None},
-    ]
+        {"role": "assistant", "content": "4.", "tool_calls": None, "tool_call_id": None}]
     path = write_parquet(
-        tmp_path / "t.parquet", [{"messages": messages, "tools": json.dumps(TOOLS)}]
-    )
+        tmp_path / "t.parquet", [{"messages": messages, "tools": json.dumps(TOOLS)}])
     (read, first, tools, _), = chat.read_rows([path])
     assert first == 0 and tools == TOOLS
     # no None keys, no content
@@ -201,8 +172,7 @@ def test_demo_template_think_overlap_and_near_miss():
     for near in (
         "<think>Let me add.</think>4",
         " <think>\nLet me add.</think>4",
-        "<think>\r\nLet me.</think>4",
-    ):
+        "<think>\r\nLet me.</think>4"):
         # almost the prompt's <think>\n: kept whole, and said
         p, r, notes = encode(tok, "What is 2+2?", near)
         assert notes == {"near_miss"} and text(tok, r).startswith(
@@ -222,8 +192,7 @@ def test_chatml_keeps_target_whole_and_plain_text_overlap():
         p, r, notes = encode(tok, USER, target)
         assert (
             text(tok, p).endswith("<|im_start|>assistant\n")
-            and text(tok, r) == target + "<|im_end|>"
-        )
+            and text(tok, r) == target + "<|im_end|>")
 
 
 def test_prompt_format_without_chat_template():
@@ -251,19 +220,16 @@ EXPECTED = {
     "qwq": ("<|im_start|>assistant\n<think>\n", TARGET[len("<think>\n") :] + "<|im_end|>"),
     "deepseek-r1-distill-qwen": (
         "<｜Assistant｜><think>\n",
-        TARGET[len("<think>\n") :] + "<｜end▁of▁sentence｜>",
-    ),
+        TARGET[len("<think>\n") :] + "<｜end▁of▁sentence｜>"),
     "llama-3.1": ("<|start_header_id|>assistant<|end_header_id|>\n\n", TARGET + "<|eot_id|>"),
     "gemma-2": ("<start_of_turn>model\n", TARGET + "<end_of_turn>"),
     "mistral-nemo": ("[/INST]", TARGET + "</s>"),
     "phi-3.5-mini": ("<|assistant|>\n", TARGET + "<|end|>\n<|endoftext|>"),
     "command-r7b": (
         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
-        "<|START_RESPONSE|>" + TARGET + "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
-    ),
+        "<|START_RESPONSE|>" + TARGET + "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"),
     "gpt-oss": ("<|start|>assistant", "<|channel|>final<|message|>" + TARGET + "<|return|>"),
-    "apriel-1.5": ("<|assistant|>\n", TARGET + "\n<|end|>\n</s>"),
-}
+    "apriel-1.5": ("<|assistant|>\n", TARGET + "\n<|end|>\n</s>")}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
@@ -279,8 +245,7 @@ def test_each_family_learns_its_own_turn_and_closer(family):
         assert rendered.startswith(text(tok, p + r))  # the template's own text, up to the closer
         assert rendered[len(text(tok, p + r)) :].strip() in (
             "",
-            "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
-        )
+            "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
     # the family's own stop tokens are learned,
     closer = [t for t in r[-3:] if t in set(tok.all_special_ids)]
     stops = chat.Chat(tok).stop_ids()  # and decoding stops on them
@@ -307,17 +272,14 @@ def test_qwen_real_tokenizers():
         p, r, _ = encode(tok, "What is 2+2?", TARGET)
         assert (
             tok.decode(p).endswith("<|im_start|>assistant\n")
-            and tok.decode(r) == TARGET + "<|im_end|>"
-        )
+            and tok.decode(r) == TARGET + "<|im_end|>")
         assert chat.Chat(tok).stop_ids() == {tok.convert_tokens_to_ids("<|im_end|>")}
     tok.chat_template = tok.chat_template.replace(
-        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
-    )
+        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
     p, r, _ = encode(tok, "What is 2+2?", TARGET)  # an R1-style generation prompt: the overlap goes
     assert (
         tok.decode(p).endswith("<|im_start|>assistant\n<think>\n")
-        and tok.decode(r) == TARGET[8:] + "<|im_end|>"
-    )
+        and tok.decode(r) == TARGET[8:] + "<|im_end|>")
 
 
 def test_gpt2_without_template():
@@ -341,15 +303,11 @@ def conversation(tool_content=""):
                 {
                     "id": "call12345",
                     "type": "function",
-                    "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'},
-                }
-            ],
-        },
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
         {"role": "tool", "content": "RESULT-4", "tool_call_id": "call12345"},
         {"role": "assistant", "content": "It is 4."},
         {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": TARGET},
-    ]
+        {"role": "assistant", "content": TARGET}]
 
 
 def assistant_turns(rendered, opener, closer):
@@ -367,8 +325,7 @@ def assistant_turns(rendered, opener, closer):
     ("qwen3", "<|im_start|>assistant\n", "<|im_end|>"),
     ("qwen2.5", "<|im_start|>assistant\n", "<|im_end|>"),
     ("llama-3.1", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-    ("apriel-1.5", "<|assistant|>\n", "</s>"),
-])
+    ("apriel-1.5", "<|assistant|>\n", "</s>")])
 def test_a_tool_conversation_learns_exactly_the_assistant_turns(family, opener, closer):
     tok = byte_tokenizer(family)
     messages = conversation()
@@ -392,20 +349,16 @@ def test_a_tool_conversation_in_other_families():
         "gpt-oss": [
             ' to=functions.add<|channel|>commentary json<|message|>"{\\"a\\": 2, \\"b\\": 2}"<|call|>',
             "<|channel|>final<|message|>It is 4.<|end|>",
-            "<|channel|>final<|message|>" + TARGET + "<|return|>",
-        ],
+            "<|channel|>final<|message|>" + TARGET + "<|return|>"],
         "mistral-nemo": [
             '[TOOL_CALLS][{"name": "add", "arguments": "{\\"a\\": 2, \\"b\\": 2}", "id": "call12345"}]</s>',
             "It is 4.</s>",
-            TARGET + "</s>",
-        ],
+            TARGET + "</s>"],
         "deepseek-v3.1": [
             '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 2, "b": 2}<｜tool▁call▁end｜>'
             "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>",
             "It is 4.<｜end▁of▁sentence｜>",
-            TARGET + "<｜end▁of▁sentence｜>",
-        ],
-    }
+            TARGET + "<｜end▁of▁sentence｜>"]}
     for family, turns in expect.items():
         tok = byte_tokenizer(family)
         ids, spans, notes = chat.Chat(tok).encode(conversation(), 0, TOOLS)
@@ -431,8 +384,7 @@ def test_a_target_list_with_a_tool_turn_keeps_the_tool_output(tmp_path):
         text(tok, ids[s:e]) for s, e in spans
     ] == [  # Qwen3 renders a last turn with its (empty) think
         '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>',
-        "<think>\n\n</think>\n\nIt is 4.<|im_end|>",
-    ]
+        "<think>\n\n</think>\n\nIt is 4.<|im_end|>"]
     assert "<tool_response>\nRESULT-4\n</tool_response>" in text(tok, ids[spans[0][1]:spans[1][0]])
 
 
@@ -449,8 +401,7 @@ def test_special_token_text_in_messages_never_forges_ids(family):
     assert MASK_TOKEN in forged and tok.eos_token in forged
     messages = [
         {"role": "user", "content": "Say " + planted},
-        {"role": "assistant", "content": "Ok: " + planted},
-    ]
+        {"role": "assistant", "content": "Ok: " + planted}]
     ids, spans, notes = c.encode(messages, 1)
     clean = c.encode(
         [{"role": "user", "content": "Say x"}, {"role": "assistant", "content": "Ok: x"}], 1

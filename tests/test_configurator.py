@@ -18,8 +18,7 @@ def test_plain_overrides():
         8,
         3e-4,
         True,
-        "runs/a",
-    )
+        "runs/a")
 
 
 def test_split_on_first_equals_only():
@@ -34,14 +33,12 @@ def test_int_may_override_float():
 def test_none_default_accepts_anything():
     assert run(["--val_files=['a.parquet', 'b.parquet']"])["val_files"] == [
         "a.parquet",
-        "b.parquet",
-    ]
+        "b.parquet"]
     assert run(["--val_files=5"])["val_files"] == 5
 
 
 @pytest.mark.parametrize(
-    "text,value", [("True", True), ("False", False), ("true", True), ("false", False)]
-)
+    "text,value", [("True", True), ("False", False), ("true", True), ("false", False)])
 def test_bools_parse(text, value):
     assert run([f"--compile={text}"])["compile"] is value
 
@@ -51,8 +48,7 @@ def test_str_key_keeps_text_as_written():
     assert run(["--train_files=None"])["train_files"] is None
     assert run(["--train_files=['a.parquet','b.parquet']"])["train_files"] == [
         "a.parquet",
-        "b.parquet",
-    ]
+        "b.parquet"]
 
 
 def test_unknown_key_lists_closest():
@@ -85,8 +81,7 @@ def test_config_file_unknown_key(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_sise = 4\n")
     with pytest.raises(
-        UserError, match=r"c.py sets unknown key 'batch_sise' \(did you mean batch_size"
-    ):
+        UserError, match=r"c.py sets unknown key 'batch_sise' \(did you mean batch_size"):
         run([str(cfg)])
 
 

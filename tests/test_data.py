@@ -32,8 +32,7 @@ def test_block_size_one_is_plain_sft():
         3,
         4,
         5,
-        -100,
-    ]
+        -100]
     assert not ex["is_mask"].any()
 
 
@@ -52,8 +51,7 @@ def test_truncation_equals_building_the_shorter_response(layout, offset):
         if max_length < len(full["input_ids"]):  # and it is the longest that fits
             assert (
                 len(example(prompt, response[: keep + 1], 4, 99, layout, offset)["input_ids"])
-                > max_length
-            )
+                > max_length)
     assert truncate(full, 5) is None  # the prompt alone fills the row
 
 
@@ -72,8 +70,7 @@ def test_truncating_a_conversation_equals_building_the_shorter_one():
             spans.append((at, at + n))
             at += n + rng.randint(1, 3)
         ids, offsets = [rng.randint(1, 90) for _ in range(spans[-1][1])], [
-            rng.randrange(B) for _ in spans
-        ]
+            rng.randrange(B) for _ in spans]
         full = build_example(ids, spans, B, 99, layout, offsets)
         for max_length in range(spans[0][0], len(full["input_ids"]) + 1):
             cut = truncate(full, max_length)
@@ -95,8 +92,7 @@ def test_collate_packs_documents():
     assert lens == [11, 5, 43]  # the last is cut to fit a row of its own
     assert b["input_ids"].shape == (2, 32) and b["truncated"] == 1 and b["dropped"] == 0
     assert b["doc_ids"][0].tolist() == [0] * lens[0] + [1] * lens[1] + [-1] * (
-        32 - lens[0] - lens[1]
-    )
+        32 - lens[0] - lens[1])
     # positions restart per document
     assert b["position_ids"][0, lens[0] : lens[0] + 2].tolist() == [0, 1,]
     pad = b["doc_ids"] == -1
@@ -116,8 +112,7 @@ def test_collate_drops_prompt_that_does_not_fit():
 def test_too_long_counts_from_stored_lengths():
     pairs = [([1] * 10, [2] * 4), ([1] * 3, [2] * 8), ([1] * 2, [2])]
     keep, dropped, truncated = too_long(
-        [(p + r, [(len(p), len(p) + len(r))]) for p, r in pairs], 10, 4
-    )
+        [(p + r, [(len(p), len(p) + len(r))]) for p, r in pairs], 10, 4)
     assert (keep.tolist(), dropped, truncated) == ([1, 2], 1, 1)  # 3 + 8 + 6 masks > 10
 
 
@@ -173,13 +168,11 @@ def test_batches_are_sharded_deterministic_and_resumable():
     for a, b in zip(expected, [again.next() for _ in range(5)]):
         for x, y in zip(a, b):
             assert all(
-                torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "limit")
-            )
+                torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "limit"))
 
 
 @pytest.mark.parametrize(
-    "batch_size,micro_steps,world", [(3, 1, 1), (1, 2, 2), (2, 3, 1), (5, 2, 1)]
-)
+    "batch_size,micro_steps,world", [(3, 1, 1), (1, 2, 2), (2, 3, 1), (5, 2, 1)])
 def test_batches_resume_with_another_batch_geometry(batch_size, micro_steps, world):
     """Stopped after 3 steps of 4 samples, resumed with another batch size, accumulation or world
     size: the epoch goes on with the next unseen sample; nothing skipped, nothing repeated."""
@@ -221,8 +214,7 @@ def test_eval_batches_same_count_on_every_rank():
     per_rank = [list(eval_batches(samples, 2, 64, 4, 99, rank=r, world_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     assert sorted(_docs(per_rank[0]) + _docs(per_rank[1])) == sorted(
-        tuple(ids) for ids, _ in samples
-    )
+        tuple(ids) for ids, _ in samples)
 
 
 # ---------------- metrics
@@ -264,8 +256,7 @@ def _store(files, tok, cache, **kwargs):
 
 def _same(a, b):
     return len(a) == len(b) and all(
-        list(a[i][0]) == list(b[i][0]) and a[i][1] == b[i][1] for i in range(len(a))
-    )
+        list(a[i][0]) == list(b[i][0]) and a[i][1] == b[i][1] for i in range(len(a)))
 
 
 def test_store_holds_what_encode_gives(tmp_path):
@@ -280,18 +271,14 @@ def test_store_holds_what_encode_gives(tmp_path):
                 {"role": "user", "content": f"{i}+{i}?"},
                 {"role": "assistant", "content": "hm"},
                 {"role": "user", "content": "so?"},
-                {"role": "assistant", "content": str(2 * i)},
-            ]
-        }
-        for i in range(7)
-    ]
+                {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(7)]
     chats = write_parquet(tmp_path / "chats.parquet", conversations)
     for path in (files["train"], chats):
         store, key, built = _store(path, tok, tmp_path / "cache", workers=2)
         reference = [
             chat.Chat(tok).encode(m, first, tools)[:2]
-            for m, first, tools, _ in chat.read_rows([path])
-        ]
+            for m, first, tools, _ in chat.read_rows([path])]
         assert built is not None and _same(store, Store.from_samples(reference))
         again, key2, built2 = _store(path, tok, tmp_path / "cache")
         assert key2 == key and built2 is None and _same(again, store)
@@ -311,14 +298,11 @@ def test_store_of_gsm8k_with_the_qwen3_tokenizer(tmp_path):
         rows.append(
             {
                 "prompt": ex["question"],
-                "target": f"<think>\n{work.strip()}\n</think>\n\n{answer.strip()}.",
-            }
-        )
+                "target": f"<think>\n{work.strip()}\n</think>\n\n{answer.strip()}."})
     path = write_parquet(tmp_path / "gsm.parquet", rows)
     store, _, _ = _store(path, tok, tmp_path / "cache")
     reference = [
-        chat.Chat(tok).encode(m, first, tools)[:2] for m, first, tools, _ in chat.read_rows([path])
-    ]
+        chat.Chat(tok).encode(m, first, tools)[:2] for m, first, tools, _ in chat.read_rows([path])]
     assert _same(store, Store.from_samples(reference))
 
 
@@ -355,8 +339,7 @@ def test_what_decides_the_tokens_decides_the_key(tmp_path):
         key(tok=template),
         key(options={"enable_thinking": True}),
         key(keys=["q", "target", "messages", "tools"]),
-        key(prompt_format="Q: {prompt}\nA: "),
-    ]
+        key(prompt_format="Q: {prompt}\nA: ")]
     write_parquet(tmp_path / "a.parquet", [{"prompt": "hi", "target": "yo!"}])  # the data changed
     changed.append(key())
     assert len(set(changed + [base])) == len(changed) + 1
@@ -446,9 +429,7 @@ def test_rows_the_template_refuses_are_counted_and_listed(tmp_path):
             "messages": [
                 {"role": "system", "content": "s"},
                 {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "a"},
-            ]
-        }
+                {"role": "assistant", "content": "a"}]}
     ] * 4
     path = write_parquet(tmp_path / "g.parquet", rows)
     with pytest.raises(UserError) as e:
@@ -456,12 +437,10 @@ def test_rows_the_template_refuses_are_counted_and_listed(tmp_path):
     message = str(e.value)
     assert (
         message.startswith("4 of 7 rows cannot be rendered by the chat template (")
-        and "\n" not in message
-    )
+        and "\n" not in message)
     assert (
         f"{path} row 3: System role not supported; {path} row 4: System role not supported"
-        in message
-    )
+        in message)
     # nothing half-written is left
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
 
@@ -471,8 +450,7 @@ def test_a_cache_folder_that_cannot_be_written(tmp_path):
     files = write_demo_data(str(tmp_path / "demo"), n_train=8, n_test=4)
     (tmp_path / "file").write_text("")
     with pytest.raises(
-        UserError, match="data_cache .*file/cache' cannot be created: Not a directory"
-    ):
+        UserError, match="data_cache .*file/cache' cannot be created: Not a directory"):
         _store(files["train"], demo_tokenizer(), tmp_path / "file" / "cache")
 
 
@@ -493,8 +471,7 @@ def test_token_budget_rows_are_full_and_steps_cost_the_same():
     real = [sum(min(n, 32768) for row in mb for n in it_lengths(it, row)) for mb in plan]
     assert it.padding() <= 0.05 and max(real) / min(real) <= 1.3, (
         it.padding(),
-        max(real) / min(real),
-    )
+        max(real) / min(real))
     covered = [i for mb in plan for row in mb for i in row]
     # the epoch's tail, less than one micro-batch of tokens
     skipped = set(range(len(samples))) - set(covered)
@@ -512,13 +489,11 @@ def it_lengths(it, row):
 
 def test_token_budget_is_sharded_resumable_and_refuses_another_budget():
     samples = Store.from_samples(
-        [(np.arange(n) % 50 + 1, [(3, n)]) for n in reasoning_lengths(300, 1) // 50 + 5]
-    )
+        [(np.arange(n) % 50 + 1, [(3, n)]) for n in reasoning_lengths(300, 1) // 50 + 5])
     ref = Batches(samples, 0, 4, 256, 4, 99, batch_tokens=512, seed=1)
     ranks = [
         Batches(samples, 0, 2, 256, 4, 99, batch_tokens=512, seed=1, rank=r, world_size=2)
-        for r in range(2)
-    ]
+        for r in range(2)]
     for _ in range(5):
         assert _docs(ref.next()) == _docs(ranks[0].next()) + _docs(ranks[1].next())
     # another accumulation: fine
@@ -529,8 +504,7 @@ def test_token_budget_is_sharded_resumable_and_refuses_another_budget():
     with pytest.raises(
         UserError,
         match="counts micro-batches of batch_tokens=512, max_length=256; this run has "
-        "batch_tokens=1024",
-    ):
+        "batch_tokens=1024"):
         other.load_state_dict(ref.state_dict())
     with pytest.raises(UserError, match="counts micro-batches .* this run has batch_tokens=0"):
         Batches(samples, 4, 1, 256, 4, 99, seed=1).load_state_dict(ref.state_dict())
@@ -538,7 +512,6 @@ def test_token_budget_is_sharded_resumable_and_refuses_another_budget():
 
 def test_token_budget_smaller_than_a_prompt_names_the_sample(tmp_path):
     samples = Store.from_samples([([1] * 10, [(5, 10)]), ([1] * 90, [(80, 90)])])
-    with pytest.raises(
-        UserError, match="sample 1: its prompt alone has 80 tokens, not fewer than batch_tokens=64"
-    ):
+    message = "sample 1: its prompt alone has 80 tokens, not fewer than batch_tokens=64"
+    with pytest.raises(UserError, match=message):
         Batches(samples, 0, 1, 256, 4, 99, batch_tokens=64)

@@ -22,13 +22,11 @@ def test_demo_end_to_end(trained_demo, tmp_path):
             f"--out_dir={trained_demo['out_dir']}",
             f"--data_files={trained_demo['test']}",
             "--num_samples=10",
-            "--color=True",
-        ],
+            "--color=True"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert p.returncode == 0, p.stderr
     table = p.stdout[p.stdout.index("scenario  samples"):]
     for name in ("ar", "tf", "block", "block_tf", "adaptive", "lossless"):
@@ -50,18 +48,15 @@ def test_train_writes_the_demo_data_when_missing(tmp_path):
             "--n_layer=1",
             "--n_embd=32",
             "--n_head=2",
-            "--val_files=None",
-        ],
+            "--val_files=None"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "writing the synthetic data set" in p.stdout
     assert os.path.exists(tmp_path / "data/demo/train.parquet") and os.path.exists(
-        tmp_path / "data/demo/test.parquet"
-    )
+        tmp_path / "data/demo/test.parquet")
     assert os.path.exists(tmp_path / "out/demo/global_step_2/huggingface/config.json")
 
 

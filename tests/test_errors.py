@@ -17,110 +17,91 @@ TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
     (
         "a config key typo",
         ["--batch_sise=2"],
-        "unknown config key 'batch_sise' (did you mean batch_size",
-    ),
+        "unknown config key 'batch_sise' (did you mean batch_size"),
     (
         "a value of the wrong type",
         ["--max_steps=two"],
-        "--max_steps: expected int, got 'two' (str)",
-    ),
+        "--max_steps: expected int, got 'two' (str)"),
     (
         "a value of the wrong type in a config file",
         ["{tmp}/bad_type.py"],
-        "bad_type.py: batch_size: expected int, got 'big' (str)",
-    ),
+        "bad_type.py: batch_size: expected int, got 'big' (str)"),
     (
         "a config file with a syntax error",
         ["{tmp}/bad_syntax.py"],
-        "bad_syntax.py line 2: invalid syntax",
-    ),
+        "bad_syntax.py line 2: invalid syntax"),
     (
         "a config file that fails",
         ["{tmp}/bad_name.py"],
-        "bad_name.py line 1: NameError: name 'gpus' is not",
-    ),
+        "bad_name.py line 1: NameError: name 'gpus' is not"),
     (
         "a key a config file does not know",
         ["{tmp}/bad_key.py"],
-        "bad_key.py sets unknown key 'lr' (",
-    ),
+        "bad_key.py sets unknown key 'lr' ("),
     ("a missing config file", ["config/nope.py"], "config file 'config/nope.py' not found"),
     (
         "a missing data file",
         ["--train_files=/nonexistent/x.parquet"],
-        "data file '/nonexistent/x.parquet' not found",
-    ),
+        "data file '/nonexistent/x.parquet' not found"),
     (
         "no file matches the glob",
         ["--train_files=/nonexistent/*.parquet"],
-        "no parquet file matches",
-    ),
+        "no parquet file matches"),
     (
         "a parquet without the target column",
         ["--train_files={tmp}/no_target.parquet"],
         "no_target.parquet: missing column 'target' (columns: prompt, answer; set prompt_key / "
-        "response_key",
-    ),
+        "response_key"),
     (
         "init_from is not a folder",
         ["--init_from=/nonexistent"],
-        "init_from='/nonexistent' is not a folder",
-    ),
+        "init_from='/nonexistent' is not a folder"),
     (
         "a model folder without a tokenizer",
         ["--init_from={tmp}/model_only"],
-        "no tokenizer in the model folder",
-    ),
+        "no tokenizer in the model folder"),
     (
         "a model folder without weights",
         ["--init_from={tmp}/no_weights"],
-        "no_weights: cannot load the model (",
-    ),
+        "no_weights: cannot load the model ("),
     ("resume typo", ["--resume=maybe"], "resume='maybe': expected one of 'auto', 'disable'"),
     (
         "layout typo",
         ["--layout=splt"],
-        "layout='splt': expected one of 'split', 'interleaved' (did you mean split?)",
-    ),
+        "layout='splt': expected one of 'split', 'interleaved' (did you mean split?)"),
     (
         "parallel typo",
         ["--parallel=fsd"],
-        "parallel='fsd': expected one of 'fsdp', 'ddp' (did you mean fsdp?)",
-    ),
+        "parallel='fsd': expected one of 'fsdp', 'ddp' (did you mean fsdp?)"),
     ("dtype typo", ["--dtype=fp16"], "dtype='fp16': expected one of 'auto', 'float32', 'bfloat16'"),
     (
         "attention typo",
         ["--attention=flash"],
-        "attention='flash': expected one of 'auto', 'flex', 'sdpa'",
-    ),
+        "attention='flash': expected one of 'auto', 'flex', 'sdpa'"),
     ("flex attention without CUDA", ["--attention=flex"], "attention='flex' needs CUDA"),
     ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible"),
     (
         "block_offset not an int",
         ["--block_offset=later"],
-        "block_offset='later': expected 'random' or an int",
-    ),
+        "block_offset='later': expected 'random' or an int"),
     ("block_offset out of range", ["--block_offset=7"], "block_offset=7: must be between 0 and 3"),
     ("block_size 0", ["--block_size=0"], "block_size=0: must be between 1 and 127"),
     ("block_size -1", ["--block_size=-1"], "block_size=-1: must be between 1 and 127"),
     (
         "block_size longer than a row",
         ["--block_size=10000"],
-        "block_size=10000: must be between 1 and 127",
-    ),
+        "block_size=10000: must be between 1 and 127"),
     ("max_length too small", ["--max_length=1"], "max_length=1: must be >= 2"),
     ("batch_size 0", ["--batch_size=0"], "batch_size=0: must be >= 1"),
     ("batch_size -1", ["--batch_size=-1"], "batch_size=-1: must be >= 1"),
     (
         "no accumulation steps",
         ["--gradient_accumulation_steps=0"],
-        "gradient_accumulation_steps=0: must be >= 1",
-    ),
+        "gradient_accumulation_steps=0: must be >= 1"),
     (
         "accumulation not divisible by the ranks",
         ["--gradient_accumulation_steps=3", "WORLD_SIZE=2"],
-        "must be divisible by the 2 ranks",
-    ),
+        "must be divisible by the 2 ranks"),
     ("a negative learning rate", ["--learning_rate=-1"], "learning_rate=-1.0: must be > 0"),
     ("min_lr above learning_rate", ["--min_lr=1.0"], "min_lr=1.0: must be between 0.0 and 0.003"),
     ("negative max_steps", ["--max_steps=-5"], "max_steps=-5: must be >= 0"),
@@ -131,58 +112,47 @@ TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
     (
         "a head size RoPE cannot use",
         ["--n_embd=30", "--n_head=4"],
-        "n_embd=30 / n_head=4: the head size",
-    ),
+        "n_embd=30 / n_head=4: the head size"),
     (
         "prompt_format without {prompt}",
         ["--prompt_format=Q:"],
-        "prompt_format='Q:': expected a str with a",
-    ),
+        "prompt_format='Q:': expected a str with a"),
     ("out_dir is a file", ["--out_dir={tmp}/a_file"], "a_file' is a file, not a folder"),
     (
         "out_dir cannot be created",
         ["--out_dir=/etc/hostname/run"],
-        "is not writable: Not a directory",
-    ),
+        "is not writable: Not a directory"),
     (
         "every prompt longer than max_length",
         ["--max_length=10"],
-        "no training samples left: every prompt in",
-    ),
+        "no training samples left: every prompt in"),
     ("an override without =", ["--compile"], "'--compile': overrides are written --key=value"),
     (
         "a model folder whose weights are garbage",
         ["--init_from={tmp}/garbage_weights"],
-        "garbage_weights: cannot load the model (",
-    ),
+        "garbage_weights: cannot load the model ("),
     (
         "a messages column holding a plain string",
         ["--train_files={tmp}/string_messages.parquet"],
-        "string_messages.parquet row 0: column 'messages' must be a list of {role, content}",
-    ),
+        "string_messages.parquet row 0: column 'messages' must be a list of {role, content}"),
     ("max_nonfinite 0", ["--max_nonfinite=0"], "max_nonfinite=0: must be >= 1"),
     ("tensor_parallel 0", ["--tensor_parallel=0"], "tensor_parallel=0: must be >= 1"),
     (
         "tensor_parallel not dividing the ranks",
         ["--tensor_parallel=3", "WORLD_SIZE=4"],
-        "tensor_parallel=3 must divide the 4 ranks",
-    ),
+        "tensor_parallel=3 must divide the 4 ranks"),
     (
         "tensor_parallel with DDP",
         ["--tensor_parallel=2", "--parallel=ddp", "WORLD_SIZE=2"],
-        "tensor_parallel=2 needs parallel='fsdp'",
-    ),
+        "tensor_parallel=2 needs parallel='fsdp'"),
     (
         "tensor_parallel not dividing the KV heads",
         ["--tensor_parallel=2", "--n_head=2", "--n_embd=64", "WORLD_SIZE=2"],
-        "tensor_parallel=2 does not divide the model's num_key_value_heads=1",
-    ),
+        "tensor_parallel=2 does not divide the model's num_key_value_heads=1"),
     (
         "tensor_parallel on a model without a plan",
         ["--tensor_parallel=2", "--init_from={tmp}/gpt2", "WORLD_SIZE=2"],
-        "model type 'gpt2' has no tensor parallel plan",
-    ),
-]
+        "model type 'gpt2' has no tensor parallel plan")]
 
 SAMPLE = [
     ("num_samples -1", ["--num_samples=-1"], "num_samples=-1: must be >= 0"),
@@ -193,40 +163,33 @@ SAMPLE = [
     (
         "a regex that does not compile",
         ["--answer_regex=(\\d+"],
-        "answer_regex='(\\\\d+' is not a regular",
-    ),
+        "answer_regex='(\\\\d+' is not a regular"),
     ("a regex without a group", ["--answer_regex=\\d+"], "needs a group: the answer is group 1"),
     (
         "summary_json in a missing folder",
         ["--summary_json=/nonexistent/s.json"],
-        "its folder does not exist",
-    ),
+        "its folder does not exist"),
     ("summary_json a folder", ["--summary_json={tmp}"], "is a folder: give a file name"),
     (
         "summary_json where nothing can be written",
         ["--summary_json=/proc/s.json"],
-        "summary_json='/proc/s.json' cannot be written",
-    ),
+        "summary_json='/proc/s.json' cannot be written"),
     (
         "write_parquet in a missing folder",
         ["--write_parquet=/nonexistent/own.parquet"],
-        "write_parquet='/nonexistent/own.parquet': its folder does not exist",
-    ),
+        "write_parquet='/nonexistent/own.parquet': its folder does not exist"),
     (
         "chat_template_kwargs not a dict",
         ["--chat_template_kwargs=[1]"],
-        "chat_template_kwargs=[1]: expected a dict of template options",
-    ),
+        "chat_template_kwargs=[1]: expected a dict of template options"),
     (
         "chat_template_kwargs a number",
         ["--chat_template_kwargs=5"],
-        "chat_template_kwargs=5: expected a dict of template options",
-    ),
+        "chat_template_kwargs=5: expected a dict of template options"),
     (
         "prompt_format without {prompt}",
         ["--prompt_format=Q:"],
-        "prompt_format='Q:': expected a str with a {prompt} field",
-    ),
+        "prompt_format='Q:': expected a str with a {prompt} field"),
     ("color typo", ["--color=maybe"], "color='maybe': expected one of None, True, False"),
     ("temperature below 0", ["--ckpt={ckpt}", "--temperature=-1"], "temperature=-1.0: must be"),
     ("temperature not a number", ["--ckpt={ckpt}", "--temperature=hot"], "temperature='hot':"),
@@ -240,49 +203,40 @@ SAMPLE = [
     (
         "tensor_parallel not dividing the ranks",
         ["--tensor_parallel=2", "WORLD_SIZE=3"],
-        "tensor_parallel=2 must divide the 3 ranks",
-    ),
+        "tensor_parallel=2 must divide the 3 ranks"),
     (
         "a model folder whose weights are garbage",
         ["--ckpt={tmp}/garbage_weights", "--prompt=hi"],
-        "garbage_weights: cannot load the model (",
-    ),
+        "garbage_weights: cannot load the model ("),
     (
         "a messages column holding a plain string",
         ["--ckpt={ckpt}", "--data_files={tmp}/string_messages.parquet"],
-        "column 'messages' must be a list of {role, content} messages, got a string",
-    ),
+        "column 'messages' must be a list of {role, content} messages, got a string"),
     ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible"),
     ("dtype typo", ["--dtype=bf16"], "dtype='bf16': expected one of 'float32', 'bfloat16'"),
     (
         "no checkpoint yet",
         ["--out_dir=/nonexistent"],
-        "checkpoint '/nonexistent' not found (run train.py first",
-    ),
+        "checkpoint '/nonexistent' not found (run train.py first"),
     ("a missing data file", ["--ckpt={ckpt}", "--data_files=/nonexistent.parquet"], "not found"),
     (
         "a model without a mask token, block modes asked",
         ["--ckpt={tmp}/plain", "--scenario=lossless", "--prompt=hi"],
-        "has no mask token",
-    ),
-]
+        "has no mask token")]
 
 BENCH = [
     (
         "what typo",
         ["--what=trian"],
-        "what='trian': expected one of 'train', 'decode', 'data', 'none' (did you mean train?)",
-    ),
+        "what='trian': expected one of 'train', 'decode', 'data', 'none' (did you mean train?)"),
     ("preset typo", ["--preset=qwen9"], "preset='qwen9': expected one of"),
     ("block_size 0", ["--block_size=0"], "block_size=0: must be >= 1"),
     ("decode batch 0", ["--decode_batches=0"], "decode_batches=(0,): expected ints >= 1"),
     (
         "summary_json in a missing folder",
         ["--summary_json=/nonexistent/b.json"],
-        "No such file or directory",
-    ),
-    ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible"),
-]
+        "No such file or directory"),
+    ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible")]
 
 
 def fixtures(tmp):
@@ -321,8 +275,10 @@ def run(server, script, args, tmp, ckpt="", case=0):
         else:
             argv.append(a.format(tmp=tmp, ckpt=ckpt))
     # the case's own arguments come after, and win
-    base = (TINY + [f"--out_dir={tmp}/out{case}", f"--train_files={tmp}/train.parquet", "--max_steps=1"]
-            if script == "train.py" else ["--device=cpu"])
+    base = ["--device=cpu"]
+    if script == "train.py":
+        base = TINY + [f"--out_dir={tmp}/out{case}", f"--train_files={tmp}/train.parquet",
+                       "--max_steps=1"]
     return server.run(script, [*base, *argv], env, timeout=300)
 
 
@@ -353,14 +309,12 @@ def test_every_mistake_is_one_line(tmp_path, train_file, trained_demo):
         ok = p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 \
             and message in p.stderr
         if not ok:
-            failures.append(
-                f"{script} {' '.join(args)} ({what}): rc {p.returncode}, stderr {p.stderr[-600:]!r}"
-            )
+            failures.append(f"{script} {' '.join(args)} ({what}): rc {p.returncode}, "
+                            f"stderr {p.stderr[-600:]!r}")
     assert not failures, "\n".join(failures)
     # none ran
     assert not any(
-        os.path.exists(tmp_path / f"out{i}" / "global_step_1") for i in range(len(TRAIN))
-    )
+        os.path.exists(tmp_path / f"out{i}" / "global_step_1") for i in range(len(TRAIN)))
 
 
 if __name__ == "__main__":  # the table in docs/errors.md

@@ -51,10 +51,8 @@ def test_the_clean_stream_is_the_base_model_bit_for_bit(arch, layout):
             4,
             MASK,
             layout,
-            i % 4,
-        )
-        for i in range(3)
-    ]
+            i % 4)
+        for i in range(3)]
     batch = collate(examples, 96)  # several samples packed in a row
     ours, theirs = logits(model, batch), logits(base, batch)
     clean = (batch["doc_ids"] >= 0) & ~batch["is_mask"]
@@ -96,27 +94,23 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
         "--finetune=gated_lora",
         f"--init_from={base_folder}",
         "--lora_rank=4",
-        *common,
-    )
+        *common)
     assert "gated_lora: 14 adapted linears" in p.stdout and "trainable (" in p.stdout
     ar = losses(tmp_path / "lora")
     folder = tmp_path / "lora" / "global_step_6" / "huggingface"
     config = read_json(folder / "config.json")
     assert config["next_block_adapter"]["rank"] == 4 and (folder / lora.ADAPTER_FILE).exists()
     exported, before = load_file(folder / "model.safetensors"), load_file(
-        base_folder / "model.safetensors"
-    )
+        base_folder / "model.safetensors")
     assert exported.keys() == before.keys() and all(
-        torch.equal(exported[k], before[k]) for k in before
-    )
+        torch.equal(exported[k], before[k]) for k in before)
     plain = AutoModelForCausalLM.from_pretrained(folder)
     assert not any(lora.is_adapter_key(n) for n, _ in plain.named_parameters())
     adapter = load_file(folder / lora.ADAPTER_FILE)
     assert (
         adapter
         and all(lora.is_adapter_key(k) for k in adapter)
-        and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
-    )
+        and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k))
     assert len(set(round(v, 6) for v in ar.values())) > 1
     import subprocess
     s = subprocess.run(
@@ -129,13 +123,11 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
             "--num_samples=3",
             "--scenario=ar,lossless",
             "--max_new_tokens=20",
-            f"--summary_json={tmp_path}/s.json",
-        ],
+            f"--summary_json={tmp_path}/s.json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert s.returncode == 0, s.stderr[-2000:]
     summary = read_json(tmp_path / "s.json")["scenarios"]
     assert summary["lossless"]["same_as_ar"] == "3/3"
@@ -149,16 +141,13 @@ def test_a_gated_lora_run_exports_the_base_model_unchanged(tmp_path, train_file)
             "--num_samples=3",
             "--scenario=ar",
             "--max_new_tokens=20",
-            f"--summary_json={tmp_path}/b.json",
-        ],
+            f"--summary_json={tmp_path}/b.json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert (
-        read_json(tmp_path / "b.json")["scenarios"]["ar"]["tokens"] == summary["ar"]["tokens"]
-    )
+        read_json(tmp_path / "b.json")["scenarios"]["ar"]["tokens"] == summary["ar"]["tokens"])
 
 
 @pytest.mark.slow
@@ -171,8 +160,7 @@ def test_gated_lora_resumes_exactly_and_refuses_the_other_mode(tmp_path, train_f
         "--lora_rank=4",
         "--save_every=2",
         "--keep_last=0",
-        "--max_steps=6",
-    ]
+        "--max_steps=6"]
     train(tmp_path / "a", *common)
     os.makedirs(tmp_path / "b")  # the same run, stopped after step 4
     shutil.copytree(tmp_path / "a" / "global_step_4", tmp_path / "b" / "global_step_4")
@@ -185,13 +173,11 @@ def test_gated_lora_resumes_exactly_and_refuses_the_other_mode(tmp_path, train_f
         "--max_steps=8",
         f"--train_files={train_file}",
         "--batch_size=4",
-        check=False,
-    )
+        check=False)
     assert (
         p.returncode == 1
         and "holds another run (finetune='gated_lora'; this one has finetune='full')" in p.stderr
-        and p.stderr.count("\n") == 1
-    )
+        and p.stderr.count("\n") == 1)
 
 
 @pytest.mark.slow
@@ -203,8 +189,7 @@ def test_gated_lora_on_two_ranks_matches_one(tmp_path, train_file, parallel):
         f"--parallel={parallel}",
         "--max_steps=3",
         "--finetune=gated_lora",
-        "--lora_rank=4",
-    ]
+        "--lora_rank=4"]
     train(tmp_path / "one", *common, train_files=train_file)
     train(tmp_path / "two", *common, launcher=TORCHRUN, train_files=train_file)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -23,8 +23,7 @@ def reference_layout(P, n, B, s, layout):
         a += length
     prompt = [{"kind": "clean", "pos": t} for t in range(P)]
     clean = {
-        a: [{"kind": "clean", "pos": P + i} for i in range(a, a + length)] for a, length in blocks
-    }
+        a: [{"kind": "clean", "pos": P + i} for i in range(a, a + length)] for a, length in blocks}
     masks = {a: [{"kind": "mask", "pos": P + a + j, "block": P + a} for j in range(length - 1)]
              for a, length in blocks}
     if layout == "split":
@@ -154,18 +153,15 @@ def test_python_data_py_draws_both_layouts():
     import sys
     from conftest import ROOT
     p = subprocess.run(
-        [sys.executable, "data.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "data.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (
-        p.returncode == 0 and "layout 'split':" in p.stdout and "layout 'interleaved':" in p.stdout
-    )
+        p.returncode == 0 and "layout 'split':" in p.stdout and "layout 'interleaved':" in p.stdout)
     grid = p.stdout.split("layout 'split':")[1].split("layout")[0].strip().splitlines()
     assert grid[0].split() == "p0 p1 p2 r0 r1 r2 r3 r4 r5 m1 m2 m4 m5".split()
     rows = {line.split()[0]: line.split()[1:] for line in grid[1:]}
     # the prompt and r0-r2, then its own group
     assert (
-        rows["m5"] == "# # # # # # . . . . . # #".split()
-    )
+        rows["m5"] == "# # # # # # . . . . . # #".split())
     assert rows["r5"][9:] == [".", ".", ".", "."]  # clean tokens never see a mask
 
 
@@ -179,13 +175,11 @@ def _batch(seed=0, rows=2, L=300):
     rng = random.Random(seed)
     parts = [
         random_row(rng, rng.randint(2, 6), rng.choice(["split", "interleaved"]), L)[0]
-        for _ in range(rows)
-    ]
+        for _ in range(rows)]
     return {
         k: torch.cat([p[k] for p in parts])
         for k in parts[0]
-        if isinstance(parts[0][k], torch.Tensor)
-    }
+        if isinstance(parts[0][k], torch.Tensor)}
 
 
 def test_block_mask_equals_dense_at_token_and_tile_level():
@@ -241,8 +235,7 @@ def _keyed(batch, logits, row=0):
         batch["doc_ids"][row].tolist(),
         batch["is_mask"][row].tolist(),
         batch["position_ids"][row].tolist(),
-        batch["limit"][row].tolist(),
-    )
+        batch["limit"][row].tolist())
     return {k: logits[row, i] for i, k in enumerate(keys) if k[0] >= 0}
 
 
@@ -276,10 +269,8 @@ def test_packed_documents_do_not_leak():
             4,
             127,
             "split",
-            rng.randrange(4),
-        )
-        for _ in range(3)
-    ]
+            rng.randrange(4))
+        for _ in range(3)]
     packed = collate(examples, 128)
     together = _logits(model, packed)
     for doc, ex in enumerate(examples):
@@ -300,8 +291,6 @@ def test_cuda_blockmask_training_step_equals_dense():
         losses.sum().backward()
         results[attn] = (losses.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(
-        results["flex_attention"][0], results["sdpa"][0], atol=1e-4, rtol=1e-4
-    )
+        results["flex_attention"][0], results["sdpa"][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
-        results["flex_attention"][1], results["sdpa"][1], atol=1e-3, rtol=1e-3
-    )
+        results["flex_attention"][1], results["sdpa"][1], atol=1e-3, rtol=1e-3)

@@ -29,9 +29,7 @@ def gsm8k_rows(split, n):
         rows.append(
             {
                 "prompt": ex["question"],
-                "target": f"<think>\n{work.strip()}\n</think>\n\nThe answer is {answer.strip()}.",
-            }
-        )
+                "target": f"<think>\n{work.strip()}\n</think>\n\nThe answer is {answer.strip()}."})
     return rows
 
 
@@ -45,8 +43,7 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
-        initializer_range=0.02,
-    )
+        initializer_range=0.02)
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     p = subprocess.run(
@@ -64,13 +61,11 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
             "--demo_data=False",
             "--learning_rate=1e-3",
             "--log_every=1",
-            f"--data_cache={tmp_path}/cache",
-        ],
+            f"--data_cache={tmp_path}/cache"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mask token id 151669" in p.stdout  # the first spare row: no resize, nothing shrunk
     assert "eval step 2" in p.stdout
@@ -85,13 +80,11 @@ def test_qwen3_tokenizer_and_gsm8k_end_to_end(tmp_path):
             f"--data_files={test}",
             "--scenario=ar,lossless,block_tf",
             "--max_new_tokens=6",
-            "--num_samples=2",
-        ],
+            "--num_samples=2"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=600)
     assert s.returncode == 0, s.stderr[-3000:]
     table = s.stdout[s.stdout.index("scenario  samples"):]
     assert "2/2" in table.split("lossless")[1]

@@ -48,8 +48,7 @@ def test_ar_equals_hf_generate():
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 do_sample=False,
                 max_new_tokens=24,
-                pad_token_id=0,
-            )
+                pad_token_id=0)
             assert ours == theirs[0, len(prompt):].tolist()
             assert stats == {"forwards": len(ours), "tokens": len(ours)} and len(set(ours)) > 3
             assert generate(model, prompt, "lossless", 4, MASK, 24, eos)[0] == ours
@@ -76,14 +75,12 @@ def test_batched_decoding_equals_each_prompt_alone(arch, mode):
     eos = generate(model, prompts[0], mode, 4, MASK, 20, threshold=0.05)[0][6]
     alone = [
         generate(model, p, mode, 4, MASK, 20, eos_token_id=eos, threshold=0.05, seed=i)
-        for i, p in enumerate(prompts)
-    ]
+        for i, p in enumerate(prompts)]
     lengths = [len(t) for t, _ in alone]
     assert (
         min(lengths) < 20
         and max(lengths) == 20
-        and len({tuple(t) for t, _ in alone}) == len(prompts)
-    )
+        and len({tuple(t) for t, _ in alone}) == len(prompts))
     for batch_size in (1, 3, 8):
         assert (
             generate(model, prompts, mode, 4, MASK, 20, eos, 0.05, batch_size) == alone
@@ -135,8 +132,7 @@ def test_cached_steps_equal_a_full_recompute(mode):
             full = full_logits(model, seq, B - 1)[len(seq) - 1:len(seq) - 1 + len(tokens)]
         else:  # the clean stream's verification of each accepted token
             full = torch.stack(
-                [full_logits(model, seq + out[done : done + i])[-1] for i in range(len(tokens))]
-            )
+                [full_logits(model, seq + out[done : done + i])[-1] for i in range(len(tokens))])
         torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
         done += len(tokens)
     assert done == len(out) == 12 and stats["forwards"] == len(trace)
@@ -154,23 +150,20 @@ class Scripted(torch.nn.Module):
         self.config, self.mask_probs, self.repeat_offset = (
             self.inner.config,
             mask_probs,
-            repeat_offset,
-        )
+            repeat_offset)
         self.eos_position, self.eos_id = eos_position, eos_id
 
     def token(self, position):
         return self.eos_id if position == self.eos_position else 1 + position % 40
 
     def forward(
-        self, input_ids, position_ids, attention_mask, use_cache, logits_to_keep=0, **cache
-    ):
+        self, input_ids, position_ids, attention_mask, use_cache, logits_to_keep=0, **cache):
         out = self.inner(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=use_cache,
-            **{cache_kwarg(self.inner): next(iter(cache.values()))},
-        )
+            **{cache_kwarg(self.inner): next(iter(cache.values()))})
         logits = torch.full_like(out.logits, 0.0)
         for b in range(len(input_ids)):
             j, prev = -1, None
@@ -245,8 +238,7 @@ def test_generate_rejects_bad_input():
         ([1, 2], {"temperature": 1, "min_p": 1.0}, "min_p=1.0: must be in \\[0, 1\\)"),
         ([[1, 2], [3]], {"seed": [1, 2, 3]}, "seed: 3 seeds for 2 prompts"),
         ([1, 2], {"mode": "lossless", "drafts": 4}, "drafts=4: expected 'auto' or an int in \\[0, 3\\]"),
-        ([1, 2], {"mode": "lossless", "drafts": "all"}, "drafts='all': expected 'auto'"),
-    ):
+        ([1, 2], {"mode": "lossless", "drafts": "all"}, "drafts='all': expected 'auto'")):
         args = dict(mode="ar", block_size=4, mask_token_id=MASK, max_new_tokens=5) | kwargs
         with pytest.raises(UserError, match=message):
             sample.generate(model, prompts, **args)
@@ -261,8 +253,7 @@ def test_compiled_step_gives_the_same_tokens():
         eager = generate(model, prompts, mode, 4, MASK, 16, eos_token_id=3, batch_size=2)
         try:
             compiled = generate(
-                model, prompts, mode, 4, MASK, 16, eos_token_id=3, batch_size=2, compile=True
-            )
+                model, prompts, mode, 4, MASK, 16, eos_token_id=3, batch_size=2, compile=True)
         except Exception as e:  # a machine without a C compiler cannot run inductor
             pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
         assert compiled == eager
@@ -448,8 +439,7 @@ def test_extract_and_compare_answers():
     assert extract_answer("no digits") is None
     # GSM8K's format
     assert (
-        extract_answer("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == "72"
-    )
+        extract_answer("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == "72")
     assert extract_answer("so $x = \\boxed{\\frac{14}{3}}$.") == "\\frac{14}{3}"  # nested braces
     assert extract_answer("\\boxed{1} then \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == \
         "\\left( 3, \\frac{\\pi}{2} \\right)"
@@ -474,8 +464,7 @@ def test_grading_real_benchmarks():
     rows = jsonl(gsm)[:300]
     assert all(
         same_answer(r["answer"], "#### " + r["answer"].split("####")[1]) == (True, True)
-        for r in rows
-    )
+        for r in rows)
     rows = jsonl(math)
     graded = [same_answer(r["solution"], "\\boxed{" + r["answer"] + "}") for r in rows]
     assert sum(c for _, c in graded) >= 0.98 * len(rows)  # the few misses: answers written two ways
@@ -498,8 +487,7 @@ def test_batched_decoding_of_a_trained_model(trained_demo):
     stop, mask_id = conversation.stop_ids(), model.config.mask_token_id
     prompts = [
         conversation.prompt_ids(m[:first])
-        for m, first, _, _ in chat.read_rows([trained_demo["test"]])[:10]
-    ]
+        for m, first, _, _ in chat.read_rows([trained_demo["test"]])[:10]]
     results = {}
     for mode in MODES:
         results[mode] = generate(model, prompts, mode, 4, mask_id, 60, stop, batch_size=4)
@@ -508,8 +496,7 @@ def test_batched_decoding_of_a_trained_model(trained_demo):
         ], mode
     assert [t for t, _ in results["lossless"]] == [t for t, _ in results["ar"]]
     tpf = sum(s["tokens"] for _, s in results["lossless"]) / sum(
-        s["forwards"] for _, s in results["lossless"]
-    )
+        s["forwards"] for _, s in results["lossless"])
     assert tpf > 1.3, tpf  # drafts really are accepted
 
 
@@ -521,15 +508,13 @@ def test_cli_all_scenarios_with_summary_json(trained_demo, tmp_path):
         "--num_samples=4",
         "--max_new_tokens=40",
         f"--summary_json={tmp_path}/s.json",
-        "--verbose=True",
-    )
+        "--verbose=True")
     assert p.returncode == 0, p.stderr
     summary = read_json(tmp_path / "s.json")["scenarios"]
     assert set(summary) == {"ar", "tf", "block", "block_tf", "adaptive", "lossless"}
     assert (
         summary["lossless"]["same_as_ar"] == "4/4"
-        and summary["lossless"]["tokens"] == summary["ar"]["tokens"]
-    )
+        and summary["lossless"]["tokens"] == summary["ar"]["tokens"])
     assert summary["ar"]["forwards"] == summary["ar"]["tokens"]
     assert "top-5" in p.stdout and "tokens/forward" in p.stdout
 
@@ -539,8 +524,7 @@ def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
     import pyarrow.parquet as pq
     rows = pq.read_table(trained_demo["test"]).to_pylist()[:6]
     prompts_only = write_parquet(
-        tmp_path / "prompts.parquet", [{"prompt": r["prompt"]} for r in rows]
-    )
+        tmp_path / "prompts.parquet", [{"prompt": r["prompt"]} for r in rows])
     outs = []
     for batch_size in (1, 4):
         p = sample_cli(
@@ -551,8 +535,7 @@ def test_cli_batch_sizes_and_prompts_only_data_agree(trained_demo, tmp_path):
             "--max_new_tokens=40",
             "--drafts=3",  # forwards that do not depend on the measured cost
             f"--batch_size={batch_size}",
-            f"--summary_json={tmp_path}/{batch_size}.json",
-        )
+            f"--summary_json={tmp_path}/{batch_size}.json")
         assert p.returncode == 0, p.stderr
         outs.append(read_json(tmp_path / f"{batch_size}.json")["scenarios"])
     for summary in outs:
@@ -579,8 +562,7 @@ def test_cli_under_torchrun_splits_the_samples(trained_demo, tmp_path):
         "--scenario=ar,block_tf,lossless",
         "--max_new_tokens=40",
         "--drafts=3",
-        f"--summary_json={tmp_path}/two.json",
-    ]
+        f"--summary_json={tmp_path}/two.json"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -603,8 +585,7 @@ def test_cli_block_size_mismatch_warns_and_uses_trained(trained_demo):
         "--prompt=What is 123+456?",
         "--scenario=lossless",
         "--block_size=8",
-        "--max_new_tokens=10",
-    )
+        "--max_new_tokens=10")
     assert p.returncode == 0, p.stderr
     assert "warning: block_size=8 but the model was trained with 4: using 4" in p.stdout
 
@@ -615,16 +596,14 @@ def test_cli_bad_input(tmp_path, trained_demo):
     assert (
         p.returncode == 1
         and "none' not found (run train.py first" in p.stderr
-        and p.stderr.count("\n") == 1
-    )
+        and p.stderr.count("\n") == 1)
     p = sample_cli(f"--ckpt={tmp_path}")
     assert p.returncode == 1 and "holds no checkpoint" in p.stderr
     bad = write_parquet(tmp_path / "bad.parquet", [{"prompt": "", "target": "x"}])
     p = sample_cli(f"--out_dir={trained_demo['out_dir']}", f"--data_files={bad}")
     assert (
         p.returncode == 1
-        and "bad.parquet row 0: column 'prompt' message 0 has empty content" in p.stderr
-    )
+        and "bad.parquet row 0: column 'prompt' message 0 has empty content" in p.stderr)
     # a plain Hugging Face model without a mask token: block scenarios refused, ar and tf still run
     from demo import demo_tokenizer
     plain = tiny_model(vocab_size=128)
@@ -635,14 +614,12 @@ def test_cli_bad_input(tmp_path, trained_demo):
     assert (
         p.returncode == 1
         and "no tokenizer in the model folder" in p.stderr
-        and p.stderr.count("\n") == 1
-    )
+        and p.stderr.count("\n") == 1)
     p = sample_cli(f"--ckpt={tmp_path}/plain", "--prompt=What is 1+2?", "--scenario=lossless")
     assert p.returncode == 1 and "has no mask token" in p.stderr and p.stderr.count("\n") == 1
     p = sample_cli(
         f"--ckpt={tmp_path}/plain",
         f"--data_files={trained_demo['test']}",
         "--num_samples=2",
-        "--max_new_tokens=5",
-    )
+        "--max_new_tokens=5")
     assert p.returncode == 0 and "running ar and tf only" in p.stdout, p.stderr

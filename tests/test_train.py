@@ -21,9 +21,8 @@ def weights(ckpt):
 
 
 def test_loss_falls(tmp_path, train_file):
-    train(
-        tmp_path, "--max_steps=40", "--batch_size=8", "--learning_rate=1e-2", train_files=train_file
-    )
+    train(tmp_path, "--max_steps=40", "--batch_size=8", "--learning_rate=1e-2",
+          train_files=train_file)
     curve = losses(tmp_path)
     assert curve[40] < 0.6 * curve[1], curve
 
@@ -36,14 +35,12 @@ def test_resume_is_exact_and_keep_last_prunes(tmp_path, train_file):
         "--save_every=2",
         "--keep_last=2",
         "--batch_size=4",
-        train_files=train_file,
-    )
+        train_files=train_file)
     assert sorted(os.listdir(a)) == [
         "global_step_6",
         "global_step_8",
         "metrics.jsonl",
-        "train.lock",
-    ]
+        "train.lock"]
     # b: the same run interrupted after step 6: its newest checkpoint is 6, its metrics end there
     os.makedirs(b)
     shutil.copytree(a / "global_step_6", b / "global_step_6")
@@ -58,8 +55,7 @@ def test_resume_is_exact_and_keep_last_prunes(tmp_path, train_file):
         "--save_every=2",
         "--keep_last=2",
         "--batch_size=4",
-        train_files=train_file,
-    )
+        train_files=train_file)
     assert "resumed from" in p.stdout and "global_step_6" in p.stdout
     assert losses(a) == losses(b)  # bitwise, every step
     wa, wb = weights(a / "global_step_8"), weights(b / "global_step_8")
@@ -81,8 +77,7 @@ def test_torchrun_two_ranks_match_one_and_resume(tmp_path, train_file, parallel)
         "--batch_size=2",
         "--gradient_accumulation_steps=2",
         f"--parallel={parallel}",
-        "--save_every=2",
-    ]
+        "--save_every=2"]
     train(tmp_path / "one", "--max_steps=4", *common, train_files=train_file)
     train(tmp_path / "two", "--max_steps=4", *common, launcher=TORCHRUN, train_files=train_file)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -123,8 +118,7 @@ def test_incompatible_out_dir_is_refused(tmp_path, train_file):
         "--batch_size=2",
         "--block_size=2",
         check=False,
-        train_files=train_file,
-    )
+        train_files=train_file)
     assert p.returncode == 1 and "holds another run (block_size=4" in p.stderr
     assert p.stderr.strip().count("\n") == 0, p.stderr  # one line, no traceback
     assert os.path.exists(tmp_path / "global_step_1" / "checkpoint.json")  # nothing was lost
@@ -154,8 +148,7 @@ def test_wandb_without_network_or_key_still_trains(tmp_path, train_file, monkeyp
         "--batch_size=2",
         "--wandb_log=True",
         train_files=train_file,
-        env={"HOME": str(tmp_path), "WANDB_SILENT": "true"},
-    )
+        env={"HOME": str(tmp_path), "WANDB_SILENT": "true"})
     assert "logging offline" in p.stdout and losses(tmp_path)[2] > 0
 
 
@@ -170,8 +163,7 @@ def test_export_loads_with_auto_classes_and_matches_training_model(tmp_path):
     torch.manual_seed(0)
     tok, mask_id, new = training_tokenizer("demo")
     model = load_model(
-        "demo", mask_id, new, demo_overrides=dict(hidden_size=32, num_layers=2, num_heads=2)
-    )
+        "demo", mask_id, new, demo_overrides=dict(hidden_size=32, num_layers=2, num_heads=2))
     batch = collate([example([5, 6, 7], [8, 9, 10, 11, 12], 4, mask_id)], 32)
     losses_, _, _ = forward_losses(model, batch)
     losses_.mean().backward()
