@@ -357,7 +357,7 @@ def export_hf(model, tokenizer, path, master, dtype=None):
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state, adapter = lora.split_state(state)  # the base weights unchanged, the adapter apart
-    state = {k: v for k, v in state.items() if k != tied_output_key(unwrap(model), state)}
+    state.pop(tied_output_key(unwrap(model), state), None)
     unwrap(model).save_pretrained(path, state_dict=state)
     if adapter:
         lora.save_adapter(adapter, path)

@@ -381,7 +381,8 @@ class DraftPolicy:
         self.D, self.right, self.tried = D, [0] * D, [0] * D
         self.forward = {}  # batch size -> [seconds of a forward with k drafts, k = 0..D]
         self.steps = {}  # (batch size, k) -> seconds of a whole step, measured
-        self.factor = {}  # batch size ("last": the latest) -> step seconds / forward seconds
+        self.factor = {}  # batch size -> seconds of a step / seconds of its forward, measured
+        self.last_factor = 1.0  # the latest of them: for a batch size not yet measured
         self.taken = Counter()  # steps chosen per batch size
 
     @staticmethod
@@ -418,7 +419,7 @@ class DraftPolicy:
 
     def seconds(self, n, k):
         b = self.size(n)
-        factor = self.factor.get(b, self.factor.get("last", 1.0))
+        factor = self.factor.get(b, self.last_factor)
         return self.steps.get((b, k)) or self.forward_seconds(n, k) * factor
 
     def best(self, n):
@@ -436,8 +437,8 @@ class DraftPolicy:
             return new if old is None else 0.7 * old + 0.3 * new
         b = self.size(n)
         self.steps[b, k] = average(self.steps.get((b, k)), seconds)
-        self.factor[b] = self.factor["last"] = average(self.factor.get(b),
-                                                      seconds / self.forward_seconds(n, k))
+        self.factor[b] = self.last_factor = average(self.factor.get(b),
+                                                    seconds / self.forward_seconds(n, k))
 
     def score(self, drafts, written):
         """Count how many of drafts (the tokens after some position) agree with the tokens
