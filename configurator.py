@@ -27,6 +27,7 @@ import ast
 import difflib
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -59,6 +60,19 @@ def _print_user_errors(kind, value, tb):
 
 
 sys.excepthook = _print_user_errors  # from the first import on: Ctrl-C while torch loads: a line
+
+
+def _interrupted(signum, frame):
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# One of this project's scripts (python train.py ...): Ctrl-C before the script takes SIGINT over
+# (train.py: a save at the end of the step) ends it at once with one line. A KeyboardInterrupt raised
+# inside a library's import can be swallowed there and resurface later as another error.
+if sys.argv[0].endswith(".py") and \
+        os.path.dirname(os.path.abspath(sys.argv[0])) == os.path.dirname(os.path.abspath(__file__)):
+    signal.signal(signal.SIGINT, _interrupted)
 
 
 def config_keys(g):
