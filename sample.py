@@ -1,6 +1,7 @@
 """
 Decode with a next-block model: every scenario (docs/design.md, "Decoding"), batched over many
-prompts with a per-row KV cache, greedy or sampled; then grading and the command line.
+prompts with a per-row KV cache, greedy or sampled, each row with its own settings; then the
+command line.
 
   python sample.py                     # the demo: newest checkpoint in out/demo, held-out problems
   python sample.py --ckpt=out/x --data_files=test.parquet --scenario=lossless --batch_size=64
@@ -10,7 +11,7 @@ prompts with a per-row KV cache, greedy or sampled; then grading and the command
       --write_parquet=own.parquet      # the model's own answers, as training rows
   torchrun --standalone --nproc_per_node=8 sample.py --ckpt=out/x --data_files=test.parquet
 
-Scenarios (the seed's numbering in brackets):
+Scenarios (the research trainer's numbering in brackets):
   ar        next-token decoding, the baseline [1]
   tf        teacher forcing over prompt + target: next-token accuracy (the overfit test) [1.1]
   block     each forward over [pending][B-1 masks] emits B tokens, all accepted (lossy) [2]
@@ -20,40 +21,39 @@ Scenarios (the seed's numbering in brackets):
   lossless  self-speculative: drafts verified by the clean stream in the same forward; output == ar
 Under torchrun each rank decodes its share of the samples and rank 0 prints one summary.
 
-In Python:
-    model, tokenizer, _ = load_for_decoding("out/demo", torch.device("cpu"))   # fp32: exact
-    stops = chat.Chat(tokenizer).stop_ids()
-    results = generate(model, [ids_a, ids_b], "lossless", 256, eos_token_id=stops,
-                       temperature=0.6, top_p=0.95, seed=0)
-    for tokens, stats in results: ...  # stats: {"tokens", "forwards", ...}
+The engine under generate() is the Decoder: rows join it (their prompts prefilled), step together
+and leave when they finish, each with its own sampling, seed, stop tokens and length; serve.py
+drives the same Decoder from its request queue.
 """
 
 # configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
 from configurator import UserError, at_least, check_sample, configure, one_of
 import json
-import math
 import os
-import re
 import sys
 import time
-import weakref
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 import chat
 import data
+import grade
 from checkpoint import find_hf_folder, load_for_decoding
 from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, device_mesh,
                     dist_info, print0, resolve_device, to_device)
-from mask import dense_mask, make_mask_mod
-from model import (block_metrics, cache_kwarg, load_config, set_gate, summarize_metrics,
-                   tp_plan)
+from cache import Forward, RowCache, clean, compiled_forward, feed, feed_uniform, masks, \
+    model_forward, step_shape
+from mask import dense_mask
+from model import block_metrics, load_config, summarize_metrics, tp_plan
+from policy import calibrate, draft_policy
+from sampling import (GREEDY, Sampling, check_sampling, choose_rows, generation_defaults,
+                      never_written, sampling_from, stop_ids)
 from store import expand_files
 
 # -------------------------------------------------------------------------------------------------
@@ -92,6 +92,7 @@ verbose = False                  # print every forward's tokens with their top-5
 color = None                     # colour each forward's tokens: None = on a terminal; True/False
 summary_json = ""                # also write the summary numbers to this JSON file
 write_parquet = ""               # write each prompt with each finished answer as a training row
+write_jsonl = ""                 # the same rows as JSON lines in the OpenAI `messages` shape
 device = "auto"                  # 'auto', 'cpu', 'cuda'
 dtype = "float32"                # 'float32' (lossless == ar exactly) or 'bfloat16'
 tensor_parallel = 1              # under torchrun: ranks sharding the model (TP); each group of them
@@ -102,422 +103,121 @@ MODES = ("ar", "block", "adaptive", "lossless")
 
 
 # -------------------------------------------------------------------------------------------------
-# choosing a token: greedy, or a draw that depends on (seed, position) only
-
-class Sampling(NamedTuple):
-    """How a token is chosen from logits: temperature 0 is greedy; else Hugging Face's filters, in
-    its order (temperature, top-k, top-p, min-p), then a draw."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h, c):
-    """(h * c) mod 2^32 for int64 tensors h < 2^32, without an int64 overflow."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(h):
-    """MurmurHash3's finalizer: every input bit flips about half the output bits."""
-    h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
-    h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def gumbel(seeds, positions, ids):
-    """Gumbel(0, 1) noise for the token ids at positions of rows drawn with seeds: a hash of (seed,
-    position, token id), so that a position's noise depends on nothing else (not the batch, the
-    step or the mode). seeds [n], positions [n, P], ids [n, P, K] or [V] (every token)."""
-    s = seeds[:, None] & _M32
-    a = _mix32(s ^ _mix32(positions ^ 0x68E31DA4))
-    b = _mix32(((s + 0x1B873593) & _M32) ^ _mix32(positions ^ 0x2C1B3C6D))
-    h = _mix32(_mix32(a[..., None] ^ ids) ^ b[..., None])
-    u = ((h >> 9).float() + 0.5) * 2.0 ** -23  # 23 bits: exactly in (0, 1) in float32
-    return -torch.log(-torch.log(u))
-
-
-def filtered(logits, s):
-    """(scores, ids): logits / temperature with top-k, top-p and min-p applied, removed tokens at
-    -inf. With top-k or top-p only the candidates are kept, most likely first (ids: their token
-    ids); else every token (ids None). top-p keeps the smallest set whose mass reaches top_p (at
-    least one token), as HF's TopPLogitsWarper."""
-    scores, ids = logits / s.temperature, None
-    if s.top_k or s.top_p < 1.0:
-        k = min(s.top_k or scores.shape[-1], scores.shape[-1])
-        scores, ids = scores.topk(k, -1) if s.top_k else scores.sort(-1, descending=True)
-    if s.top_p < 1.0:
-        probs = scores.softmax(-1)
-        above = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each
-        scores = scores.masked_fill(above >= s.top_p, -math.inf)
-        kept = int((above < s.top_p).sum(-1).max())
-        scores, ids = scores[..., :kept], ids[..., :kept]
-    if s.min_p > 0:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), -math.inf)
-    return scores, ids
-
-
-def choose(logits, positions, seeds, s, with_prob=False):
-    """The token at each position: the argmax (temperature 0), or argmax(filtered scores + the
-    Gumbel noise of (seed, position)), a draw from the filtered distribution. logits [n, P, V],
-    positions [n, P]: where the chosen token will stand, seeds [n]. With with_prob, also the chosen
-    token's probability under the filtered distribution."""
-    if s.temperature == 0:
-        tokens = logits.argmax(-1)
-        return (tokens, logits.softmax(-1).amax(-1)) if with_prob else tokens
-    scores, ids = filtered(logits, s)
-    every = torch.arange(logits.shape[-1], device=logits.device) if ids is None else ids
-    pick = (scores + gumbel(seeds, positions, every)).argmax(-1)
-    tokens = pick if ids is None else ids.gather(-1, pick[..., None])[..., 0]
-    if not with_prob:
-        return tokens
-    return tokens, scores.softmax(-1).gather(-1, pick[..., None])[..., 0]
-
-
-# -------------------------------------------------------------------------------------------------
-# the KV cache: one row per sequence, each with its own length
-
-class RowLayer(CacheLayerMixin):
-    """One layer of a RowCache: keys and values [rows, kv_heads, slots, head_dim], the slots grown
-    in steps of 16 up to the capacity (all of it at once when compiled)."""
-    is_compileable, is_sliding = True, False
-
-    def __init__(self, cache):
-        super().__init__()
-        self.cache = cache
-
-    def lazy_initialization(self, key_states, value_states):
-        self.keys = key_states.new_zeros(self.cache.rows, key_states.shape[1], 0,
-                                         key_states.shape[-1])
-        self.values = value_states.new_zeros(self.cache.rows, value_states.shape[1], 0,
-                                             value_states.shape[-1])
-        self.is_initialized = True
-
-    def grow(self, size):
-        """Slots 0..size-1, keeping what is written. Attention reads the whole tensor, contiguous:
-        a view of its first slots would be copied by SDPA at every step."""
-        keys, values = self.keys, self.values
-        self.keys = keys.new_zeros(*keys.shape[:2], size, keys.shape[-1])
-        self.values = values.new_zeros(*values.shape[:2], size, values.shape[-1])
-        self.keys[:, :, :keys.shape[2]], self.values[:, :, :values.shape[2]] = keys, values
-        if size == self.cache.capacity and not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.keys)  # fixed addresses allow a CUDA graph
-            torch._dynamo.mark_static_address(self.values)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Write each row's new tokens at that row's own slots; return the keys and values they
-        attend over."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.keys.shape[2] < self.cache.kv_len:
-            self.grow(self.cache.kv_len)
-        if self.cache.all_rows:  # one scatter per tensor, its index shared by every layer
-            if self.cache.index is None:
-                self.cache.index = self.cache.write_at[:, None, :, None].expand_as(key_states)
-            self.keys.scatter_(2, self.cache.index, key_states)
-            self.values.scatter_(2, self.cache.index, value_states)
-            return self.keys, self.values
-        rows, slots = self.cache.step_rows[:, None], self.cache.write_at
-        self.keys[rows, :, slots] = key_states.transpose(1, 2)
-        self.values[rows, :, slots] = value_states.transpose(1, 2)
-        return self.keys[self.cache.step_rows], self.values[self.cache.step_rows]
-
-    def get_mask_sizes(self, query_length):
-        return self.cache.capacity, 0
-
-    def get_seq_length(self):
-        return 0  # rows differ: the lengths live in the decoder's rows
-
-    def get_max_length(self):
-        return self.cache.capacity
-
-
-class RowCache(Cache):
-    """A KV cache written by position, one row per sequence (gpt-fast's idea, per row). Row r holds
-    its verified tokens at slots 0..length-1 (slot = position). A forward writes each taking-part
-    row's new tokens at the slots `write_at`, right after that row's verified ones; a step keeps
-    what it accepted by moving the row's length, and what it did not accept is overwritten by the
-    row's next step: no cropping, no re-padding, no moving rows. Attention comes from mask.py's rule
-    with each row's own metadata, so that rows which accepted different numbers of tokens stay
-    exact."""
-
-    def __init__(self, num_layers, rows, capacity, device):
-        self.rows, self.capacity = rows, capacity
-        self.slots = torch.arange(capacity, device=device)
-        super().__init__(layers=[RowLayer(self) for _ in range(num_layers)])
-        self.step_rows = None  # the cache rows taking part in this forward
-        self.write_at = None  # [rows, queries]: the slot each new token is written to
-        self.all_rows = True  # every row takes part (no gather)
-        self.index = None  # the scatter index of this forward's writes
-        self.kv_len = 0  # slots attention reads: every slot allocated so far
-
-    def attend(self, needed, fixed):
-        """The slots a forward reads: at least `needed`, in steps of 16 (a copy of the cache every
-        16 slots; attention over at most 15 unused ones), never fewer than before (every slot when
-        compiled: one shape)."""
-        self.kv_len = self.capacity if fixed else min(self.capacity,
-                                                      max(self.kv_len, ceil_to(needed, 16)))
-        return self.kv_len
-
-
-# -------------------------------------------------------------------------------------------------
-# one forward: the new tokens of some rows, written after each row's cached ones
-
-def model_forward(model, cache, tokens, positions, mask, keep):
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
-                logits_to_keep=keep, **{cache_kwarg(model): cache})
-    return out.logits.float()
-
-
-_COMPILED = weakref.WeakKeyDictionary()
-
-
-def compiled_forward(model):
-    """The decoding forward, compiled once per model: a graph per step shape (CUDA graphs on a GPU:
-    the shapes never change between steps)."""
-    if model not in _COMPILED:
-        for name in ("recompile_limit", "cache_size_limit"):  # one graph per lossless step shape
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        _COMPILED[model] = torch.compile(model_forward, mode=mode, dynamic=False)
-    return _COMPILED[model]
-
-
-def forward(model, cache, rows, tokens, pos, msk, mask, write_at, kv_len, keep, fn):
-    """Run fn (the model forward) for the cache rows `rows` (a tensor of slots), each writing its
-    new tokens at write_at; msk turns gated adapters on at the masks."""
-    cache.step_rows, cache.write_at, cache.kv_len = rows, write_at, kv_len
-    cache.all_rows, cache.index = len(rows) == cache.rows, None
-    set_gate(model, msk)  # a gated adapter (lora.py) acts on the masks only: ar runs the base
-    return fn(model, cache, tokens, pos, mask, keep)
-
-
-def feed(model, cache, rows, lengths, items, keep, fn=model_forward, fixed=False):
-    """One forward of rows whose new tokens differ in number (prefill, block, adaptive): each row's
-    items (token, position, limit, is_mask) left-padded to the longest. rows: cache slots, lengths:
-    their cached token counts (Python lists). Returns float logits of the last `keep` queries of
-    every row (0: all). A pad query writes to the slot after its row's new tokens, unseen."""
-    device, n = cache.slots.device, len(rows)
-    width = max(map(len, items))
-    table = torch.tensor([[(0, 0, 0, 0)] * (width - len(x)) + x for x in items],
-                         device=device).view(n, width, 4)
-    tok, pos, lim, msk = table.unbind(-1)
-    msk = msk.bool()
-    counts = torch.tensor([len(x) for x in items], device=device)[:, None]
-    real = torch.arange(width, device=device) >= width - counts  # left padding
-    kv_len = cache.attend(max(lengths) + width + 1, fixed)
-    length = torch.tensor(lengths, device=device)[:, None]
-    write_at = torch.where(real, length + torch.arange(width, device=device) - (width - counts),
-                           length + width)
-    slots = cache.slots[:kv_len]
-    q_doc = torch.where(real, 0, -1)
-    keys = {"doc_ids": torch.where(slots < length, 0, -1).scatter_(1, write_at, q_doc),
-            "position_ids": slots.expand(n, kv_len).scatter(1, write_at, pos),
-            "limit": (slots + 1).expand(n, kv_len).scatter(1, write_at, lim),
-            "is_mask": torch.zeros(n, kv_len, dtype=torch.bool,
-                                   device=device).scatter_(1, write_at, msk)}
-    mask = dense_mask(keys, queries=(q_doc, pos, torch.where(real, lim, 0), msk, write_at))
-    return forward(model, cache, torch.tensor(rows, device=device), tok, pos, msk, mask, write_at,
-                   kv_len, keep, fn)
-
-
-def step_shape(k, m, device):
-    """The new tokens of a uniform step, relative to a row's cache length c: [pending][d_1..d_k]
-    [G_0]..[G_k], group G_i holding m masks that draft what follows the clean token at c + i (k =
-    m = 0: an ar step). Returns (position offsets, limit offsets, is_mask, visible: which new token
-    sees which, by mask.py's rule, [Q, Q + 1] with a last column of False)."""
-    clean = [(i, i + 1, False) for i in range(k + 1)]
-    groups = [(i + 1 + j, i + 1, True) for i in range(k + 1) for j in range(m)]
-    pos, lim, msk = (torch.tensor(x, device=device) for x in zip(*(clean + groups)))
-    Q = len(pos)
-    mod = make_mask_mod(torch.zeros(1, Q, device=device), pos[None], lim[None], msk[None])
-    visible = mod(0, None, torch.arange(Q, device=device)[:, None], torch.arange(Q, device=device))
-    return pos, lim, msk, torch.cat([visible, visible.new_zeros(Q, 1)], 1)
-
-
-def feed_uniform(model, cache, rows, length, longest, tokens, shape, fn=model_forward,
-                 fixed=False):
-    """One forward where every row feeds the same shape (ar and lossless steps), built with tensor
-    ops: a row's cached tokens are all visible (every new token's limit lies past them); among the
-    new ones, `visible` says. rows: cache slots [n], length: their cached token counts [n] (longest:
-    the largest, an int), tokens [n, Q]. Returns the float logits of every query (ar: the last)."""
-    pos_off, _, msk, visible = shape
-    n, Q = tokens.shape
-    kv_len = cache.attend(longest + Q, fixed)
-    length = length[:, None]
-    rel = cache.slots[:kv_len] - length  # [n, kv]: a slot's place after the row's cached tokens
-    mask = ((rel < 0)[:, None, :] | visible[:, rel.clamp(0, Q)].transpose(0, 1)).contiguous()
-    write_at = length + torch.arange(Q, device=tokens.device)
-    return forward(model, cache, rows, tokens, length + pos_off, msk.expand(n, Q), mask[:, None],
-                   write_at, kv_len, 1 if Q == 1 else 0, fn)
-
-
-# -------------------------------------------------------------------------------------------------
-# how many drafts a lossless step verifies
-
-def queries(k, m):
-    """Queries per row of a lossless step with k drafts and m masks per group."""
-    return 1 + k + (k + 1) * m
-
-
-class DraftPolicy:
-    """drafts='auto': the k of each lossless step (all rows alike; m = k masks per group, so that
-    the next step has k drafts), chosen to maximise expected tokens per second. Expected tokens =
-    1 + sum_j prod_{i<=j} a_i, with a_i the measured rate at which draft i is right given the ones
-    before it (every draft is scored against the tokens finally written, verified or not). Seconds,
-    per batch size (rows rounded up to a power of two) and k: the measured time of such steps, a
-    moving average; a k not yet measured is priced by a calibration (a forward of each k, timed on
-    the device when a batch larger than any calibrated appears; smaller ones are read off a line
-    through it) times what real steps have cost over theirs (caches grow, a step does more than its
-    forward). Every 32 steps of a batch size, two steps take another k in turn, so that a price
-    left behind by a growing cache, a changing load or a poor calibration is measured again."""
-
-    def __init__(self, D):
-        self.D, self.right, self.tried = D, [0] * D, [0] * D
-        self.forward = {}  # batch size -> [seconds of a forward with k drafts, k = 0..D]
-        self.steps = {}  # (batch size, k) -> seconds of a whole step, measured
-        self.factor = {}  # batch size -> seconds of a step / seconds of its forward, measured
-        self.last_factor = 1.0  # the latest of them: for a batch size not yet measured
-        self.taken = Counter()  # steps chosen per batch size
-
-    @staticmethod
-    def size(n):
-        return 1 << (n - 1).bit_length()
-
-    def rate(self, i):
-        return (self.right[i] + 1) / (self.tried[i] + 2)
-
-    def expected(self, k):
-        tokens, p = 1.0, 1.0
-        for i in range(k):
-            p *= self.rate(i)
-            tokens += p
-        return tokens
-
-    def calibrated(self, n):
-        """Whether steps of n rows have prices: a batch size this large or larger calibrated."""
-        return any(b >= self.size(n) for b in self.forward)
-
-    def forward_seconds(self, n, k):
-        """A forward of n rows with k drafts: calibrated at its batch size, or read off a line
-        (seconds = base + slope x queries) through the next larger batch size calibrated."""
-        b = self.size(n)
-        if b in self.forward:
-            return self.forward[b][k]
-        above = min(c for c in self.forward if c > b)
-        xs = [above * queries(j, j) for j in range(self.D + 1)]
-        ys = self.forward[above]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) /
-                    max(sum((x - mx) ** 2 for x in xs), 1e-12), 0.0)
-        return max(max(my - slope * mx, 0.0) + slope * n * queries(k, k), 1e-9)
-
-    def seconds(self, n, k):
-        b = self.size(n)
-        factor = self.factor.get(b, self.last_factor)
-        return self.steps.get((b, k)) or self.forward_seconds(n, k) * factor
-
-    def best(self, n):
-        best = max(range(self.D + 1), key=lambda k: (self.expected(k) / self.seconds(n, k), -k))
-        self.taken[self.size(n)] += 1
-        t = self.taken[self.size(n)]
-        if self.D and t % 32 >= 30:  # two steps: the first drafts, the second is measured
-            others = [k for k in range(self.D + 1) if k != best]
-            return others[t // 32 % len(others)]
-        return best
-
-    def observe(self, n, k, seconds):
-        """A step of n rows with k drafts took `seconds`, everything included."""
-        def average(old, new):
-            return new if old is None else 0.7 * old + 0.3 * new
-        b = self.size(n)
-        self.steps[b, k] = average(self.steps.get((b, k)), seconds)
-        self.factor[b] = self.last_factor = average(self.factor.get(b),
-                                                    seconds / self.forward_seconds(n, k))
-
-    def score(self, drafts, written):
-        """Count how many of drafts (the tokens after some position) agree with the tokens
-        finally written there, in order."""
-        for i, (d, t) in enumerate(zip(drafts, written)):
-            if self.tried[i] >= 4096:  # the last few thousand drafts speak: rates can drift
-                self.tried[i], self.right[i] = self.tried[i] / 2, self.right[i] / 2
-            self.tried[i] += 1
-            if d != t:
-                return
-            self.right[i] += 1
-
-
-_POLICIES = weakref.WeakKeyDictionary()
-
-
-def draft_policy(model, D, fixed, sampling):
-    """The model's DraftPolicy for steps of this kind (compiled or not) and these sampling settings
-    (they change how often drafts are right), kept across calls."""
-    per_model = _POLICIES.setdefault(model, {})
-    return per_model.setdefault((D, fixed, next(model.parameters()).dtype, sampling),
-                                DraftPolicy(D))
-
-
-# -------------------------------------------------------------------------------------------------
 # decoding: rows, prefill, steps
 
+@dataclass(eq=False)
 class Row:
-    """One answer being decoded in a cache row: verified tokens in the cache (length), verified
-    tokens not yet in it (pending), the drafts of the last lossless step, the output so far and the
-    forwards it took part in."""
+    """One answer: its prompt and settings (how tokens are chosen, the seed of its draws, the
+    tokens that end it, its most new tokens), and its state while it decodes in a cache row."""
+    prompt: list
+    seed: int = 0
+    sampling: Sampling = GREEDY
+    stops: frozenset = frozenset()
+    max_new: int = 256
+    key: object = None  # the caller's name for it (generate: the prompt's index)
+    trace: list = None  # a list: each forward's (tokens accepted, their logits) are appended
+    slot: int = -1  # its cache row
+    length: int = 0  # verified tokens in the cache
+    pending: list = None  # verified tokens not yet in it (the prompt, until its prefill)
+    drafts: list = field(default_factory=list)  # the drafts of the last lossless step
+    out: list = field(default_factory=list)  # the answer so far
+    forwards: int = 0  # the forwards it took part in
+    shapes: Counter = field(default_factory=Counter)  # its lossless steps per "k,m"
+    finish: str = None  # why it ended: 'stop' (a stop token), 'length', or the caller's reason
+    scoring: list = field(default_factory=list)  # (where in out, drafts) the policy will score
 
-    def __init__(self, index, prompt, seed, slot):
-        self.index, self.prompt, self.seed, self.slot = index, list(prompt), seed, slot
-        self.length, self.pending, self.drafts, self.out = 0, list(prompt), [], []
-        self.forwards, self.shapes, self.done = 0, Counter(), False
-        self.scoring = []  # (where in out, drafts): drafts to score once their tokens are written
+    def __post_init__(self):
+        self.prompt = list(self.prompt)
+        self.pending = list(self.prompt)
+
+    @property
+    def done(self):
+        return self.finish is not None
 
 
-def clean(tokens, start):
-    """(token, position, limit, is_mask) of clean tokens at positions start, start + 1, ..."""
-    return [(t, start + i, start + i + 1, False) for i, t in enumerate(tokens)]
+def step_width(mode, B):
+    """The most new tokens a row feeds in one forward of this mode."""
+    return {"ar": 1, "block": 2 * B - 1, "adaptive": 2 * B - 1, "lossless": B * B}[mode]
 
 
-def masks(mask_id, start, n):
-    """A group of n masks drafting the tokens after position start - 1: each sees the clean tokens
-    before start."""
-    return [(mask_id, start + j, start, True) for j in range(n)]
+class Fed(NamedTuple):
+    """The rows a step feeds: each one's Row (None: an idle cache row fed as padding), whether it
+    decodes, its cache row and its cached token count."""
+    rows: list
+    live: list
+    slots: list
+    lengths: list
 
 
 class Decoder:
-    """The state of one generate() call: the cache, its rows, how tokens are chosen, and what is
-    accepted from each forward (docs/design.md, "Decoding")."""
+    """The engine: a KV cache of `rows` rows and the answers decoding in them (docs/design.md,
+    "Decoding"). Rows `join` (their prompts prefilled together), `step` together, one forward per
+    step, and are `release`d once done; each keeps its own sampling, seed, stops and length.
 
-    def __init__(self, model, mode, rows, capacity, B, mask_id, eos, max_new, sampling, threshold,
-                 policy, drafts, fixed, trace):
-        self.model, self.mode, self.B, self.D, self.mask_id = model, mode, B, B - 1, mask_id
-        self.eos, self.max_new, self.sampling, self.threshold = eos, max_new, sampling, threshold
-        self.policy, self.drafts, self.fixed, self.trace = policy, drafts, fixed, trace
+    ar and lossless steps read what they feed from tensors on the device, one entry per cache row:
+    for every live row r, length[r.slot] == r.length, last[r.slot] == r.pending[0] (its one
+    verified token not yet cached), draft[r.slot, :len(r.drafts)] == r.drafts and seed[r.slot] ==
+    r.seed. A step updates both sides from the same tokens."""
+
+    def __init__(self, model, *, mode, rows, capacity, block_size, mask_token_id, threshold=0.7,
+                 drafts=0, policy=None, compiled=False, suppress=()):
+        one_of("mode", mode, MODES)
+        self.model, self.mode, self.mask_id, self.threshold = model, mode, mask_token_id, threshold
+        self.B, self.D = block_size, block_size - 1
+        self.drafts, self.policy = drafts, policy  # lossless: a fixed count, or a DraftPolicy
         self.device = next(model.parameters()).device
         layers = model.config.get_text_config().num_hidden_layers
-        self.cache = RowCache(layers, rows, capacity, self.device)
+        never = sorted(set(suppress) | ({mask_token_id} if mask_token_id is not None else set()))
+        self.f = Forward(model, RowCache(layers, rows, capacity, self.device),
+                         compiled_forward(model) if compiled else model_forward, compiled,
+                         torch.tensor(never, device=self.device) if never else None)
         self.slots = [None] * rows  # the Row in each cache row
-        self.fn = compiled_forward(model) if fixed else model_forward
         self.shapes = {}
         self.tp_mesh = getattr(model, "next_block_tp", (None,))[0]  # tensor parallel: a group
-        # what ar and lossless steps feed, per cache row, kept on the device: cached tokens, the
-        # pending token, the drafts, the seed
         zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.length, self.last, self.seed = zeros, zeros.clone(), zeros.clone()
         self.draft = torch.zeros(rows, max(self.D, 1), dtype=torch.long, device=self.device)
         self.every = torch.arange(rows, device=self.device)
 
-    def agree(self, m):
+    @property
+    def free(self):
+        return self.slots.count(None)
+
+    @property
+    def busy(self):
+        return [r for r in self.slots if r is not None and not r.done]
+
+    def join(self, rows):
+        """Take rows into free cache rows and prefill them together (one forward)."""
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        if len(rows) > len(free):
+            raise ValueError(f"{len(rows)} rows join a decoder with {len(free)} free")
+        for row, s in zip(rows, free):
+            row.slot, self.slots[s] = s, row
+        if rows:
+            self.prefill(rows)
+
+    def release(self):
+        """The rows that are done, their cache rows freed."""
+        done = [r for r in self.slots if r is not None and r.done]
+        for r in done:
+            self.slots[r.slot] = None
+        return done
+
+    def fed(self):
+        """The rows a step feeds: the busy ones, or with compile every cache row (one shape: idle
+        ones as padding at their own slot, nothing cached)."""
+        rows = list(self.slots) if self.f.compiled else self.busy
+        live = [r is not None and not r.done for r in rows]
+        slots = [r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))]
+        return Fed(rows, live, slots, [r.length if ok else 0 for r, ok in zip(rows, live)])
+
+    def agree(self, k):
         """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice."""
         if self.tp_mesh is None or self.policy is None:
-            return m
+            return k
         group = self.tp_mesh.get_group()
-        choice = torch.tensor([m], device=self.device)
+        choice = torch.tensor([k], device=self.device)
         dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
         return int(choice.item())
 
@@ -526,52 +226,50 @@ class Decoder:
             self.shapes[k, m] = step_shape(k, m, self.device)
         return self.shapes[k, m]
 
-    def seeds(self, rows):
-        return torch.tensor([r.seed if r else 0 for r in rows], device=self.device)
+    def choose(self, rows, logits, positions, seeds, with_prob=False):
+        settings = [r.sampling if r is not None else GREEDY for r in rows]
+        return choose_rows(logits, positions, seeds, settings, with_prob)
 
     def accept(self, row, new, logits):
-        """Append new tokens to row's output until a stop token or max_new_tokens."""
+        """Append new tokens to row's output until a stop token or its max_new."""
         kept = []
         for t in new:
             row.out.append(t)
             kept.append(t)
-            if t in self.eos or len(row.out) >= self.max_new:
-                row.done = True
+            if t in row.stops or len(row.out) >= row.max_new:
+                row.finish = "stop" if t in row.stops else "length"
                 break
-        if self.trace is not None and row.index == 0:
-            self.trace.append((kept, logits[:len(kept)]))
+        if row.trace is not None:
+            row.trace.append((kept, logits[:len(kept)]))
         return kept
 
     def new_drafts(self, row, drafts):
         row.drafts = drafts
-        if self.policy is not None:
-            row.scoring.append((len(row.out), drafts))
-
-    def score_drafts(self, row):
-        """Score the row's drafts whose tokens are written (or will never be: the row is done)."""
-        waiting = []
-        for at, drafts in row.scoring:
-            if row.done or len(row.out) >= at + len(drafts):
-                self.policy.score(drafts, row.out[at:at + len(drafts)])
+        if self.policy is None:
+            return
+        row.scoring.append((len(row.out), drafts))
+        waiting = []  # score the drafts whose tokens are written (or never will be: it is done)
+        for at, ds in row.scoring:
+            if row.done or len(row.out) >= at + len(ds):
+                self.policy.score(ds, row.out[at:at + len(ds)])
             else:
-                waiting.append((at, drafts))
+                waiting.append((at, ds))
         row.scoring = waiting
 
     def prefill(self, rows):
         """The first forward of new rows: [prompt] (ar) or [prompt][B-1 masks]."""
         D = 0 if self.mode == "ar" else self.D
         items = [clean(r.pending, 0) + masks(self.mask_id, len(r.pending), D) for r in rows]
-        logits = feed(self.model, self.cache, [r.slot for r in rows], [0] * len(rows), items, D + 1)
+        logits = feed(self.f, [r.slot for r in rows], [0] * len(rows), items, D + 1, eager=True)
         pos = torch.tensor([len(r.pending) for r in rows], device=self.device)[:, None]
-        pos = pos + torch.arange(D + 1, device=self.device)
-        self.finish_block(rows, logits, pos)
+        self.finish_block(rows, logits, pos + torch.arange(D + 1, device=self.device))
 
     def finish_block(self, rows, logits, positions):
         """What each row accepts from a forward over [pending][masks] (prefill, block, adaptive):
         the token after pending, then (block) every offset, (adaptive) the confident ones, or
         (lossless) none: they are the first drafts."""
-        seeds = self.seeds(rows)
-        tokens, probs = choose(logits, positions, seeds, self.sampling, with_prob=True)
+        seeds = torch.tensor([r.seed for r in rows], device=self.device)
+        tokens, probs = self.choose(rows, logits, positions, seeds, with_prob=True)
         if self.mode in ("ar", "lossless"):  # the device state the next steps read
             at = torch.tensor([r.slot for r in rows], device=self.device)
             self.length[at] = torch.tensor([r.length + len(r.pending) for r in rows],
@@ -583,41 +281,38 @@ class Decoder:
             row.length += len(row.pending)  # what this forward fed as clean tokens is now cached
             if self.mode == "adaptive":
                 new = new[:1] + list(_confident_run(new, p, self.threshold))
-            elif self.mode == "lossless":
+            elif self.mode in ("ar", "lossless"):
                 new, drafts = new[:1], new[1:]
-            elif self.mode == "ar":
-                new = new[:1]
             kept = self.accept(row, new, lg)
             row.pending = kept if self.mode in ("block", "adaptive") else new
             if self.mode == "lossless":
                 self.new_drafts(row, drafts)
-                if self.policy is not None:
-                    self.score_drafts(row)
 
-    def step(self, busy):
+    def step(self):
         """One decoding step of the busy rows (all rows with compile: one shape, one graph)."""
+        busy = self.busy
+        if not busy:
+            return
         if self.mode in ("block", "adaptive"):
-            return self.block_step(busy)
-        rows = list(self.slots) if self.fixed else busy  # with compile, idle rows run as padding
-        if self.policy is not None and not self.policy.calibrated(len(rows)):
-            calibrate(self, busy)
+            return self.block_step()
+        fed = self.fed()
+        if self.policy is not None and not self.policy.calibrated(len(fed.rows)):
+            calibrate(self.policy, self.f, fed.slots, fed.lengths, self.mask_id, self.shape)
         t0 = time.perf_counter()
         m = 0  # ar
         if self.policy is not None:  # lossless, drafts='auto'
-            m = self.agree(self.policy.best(len(rows)))
+            m = self.agree(self.policy.best(len(fed.rows)))
         elif self.mode == "lossless":
             m = self.drafts
         k = min(m, min(len(r.drafts) for r in busy))
-        n, dev, seen = len(rows), self.device, (k, m) in self.shapes
-        at = self.every if len(rows) == len(self.slots) else torch.tensor([r.slot for r in rows],
-                                                                             device=dev)
+        n, dev, seen = len(fed.rows), self.device, (k, m) in self.shapes
+        at = self.every if n == len(self.slots) else torch.tensor(fed.slots, device=dev)
         length, seeds = self.length[at], self.seed[at]
-        masks_ = length.new_full((n, (k + 1) * m), self.mask_id if m else 0)
-        tokens = torch.cat([self.last[at, None], self.draft[at, :k], masks_], 1)
-        logits = feed_uniform(self.model, self.cache, at, length, max(r.length for r in busy),
-                              tokens, self.shape(k, m), self.fn, self.fixed)
+        group_masks = length.new_full((n, (k + 1) * m), self.mask_id if m else 0)
+        tokens = torch.cat([self.last[at, None], self.draft[at, :k], group_masks], 1)
+        logits = feed_uniform(self.f, at, length, max(fed.lengths), tokens, self.shape(k, m))
         pos = length[:, None] + 1 + torch.arange(k + 1, device=dev)
-        verified = choose(logits[:, :k + 1], pos, seeds, self.sampling)
+        verified = self.choose(fed.rows, logits[:, :k + 1], pos, seeds)
         accepted = (tokens[:, 1:k + 1] == verified[:, :k]).long().cumprod(1).sum(1)
         bonus = verified.gather(1, accepted[:, None])
         self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
@@ -626,11 +321,11 @@ class Decoder:
             groups = logits[:, k + 1:].unflatten(1, (k + 1, m))[torch.arange(n, device=dev),
                                                                  accepted]
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
-            out.append(choose(groups, gpos, seeds, self.sampling))
+            out.append(self.choose(fed.rows, groups, gpos, seeds))
             self.draft[at, :m] = out[-1]
         host = torch.cat(out, 1).tolist()
-        for row, lg, h in zip(rows, logits, host):
-            if row is None or row.done:  # an idle slot of a compiled step: its state is unused
+        for row, ok, lg, h in zip(fed.rows, fed.live, logits, host):
+            if not ok:  # an idle cache row of a compiled step: its state is unused
                 continue
             a = h[k + 1]
             row.forwards += 1
@@ -640,21 +335,17 @@ class Decoder:
             row.pending = [h[a]]
             if self.mode == "lossless":
                 self.new_drafts(row, h[k + 2:])
-                if self.policy is not None:
-                    self.score_drafts(row)
         if self.policy is not None and k == m and seen:  # a steady step, as decoding pays for it
             self.policy.observe(n, m, time.perf_counter() - t0)
 
-    def block_step(self, busy):
+    def block_step(self):
         """block and adaptive: [pending][B-1 masks] after each row's cached tokens."""
-        rows = list(self.slots) if self.fixed else busy
-        live = [r is not None and not r.done for r in rows]
+        fed = self.fed()
         items = [clean(r.pending, r.length) + masks(self.mask_id, r.length + len(r.pending), self.D)
-                 if ok else [] for r, ok in zip(rows, live)]
-        lengths = [r.length if ok else 0 for r, ok in zip(rows, live)]
-        slots = [r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))]
-        logits = feed(self.model, self.cache, slots, lengths, items, self.B, self.fn, self.fixed)
-        logits = logits[torch.tensor(live, device=self.device)]
+                 if ok else [] for r, ok in zip(fed.rows, fed.live)]
+        logits = feed(self.f, fed.slots, fed.lengths, items, self.B)
+        busy = [r for r, ok in zip(fed.rows, fed.live) if ok]
+        logits = logits[torch.tensor(fed.live, device=self.device)]
         pos = torch.tensor([r.length + len(r.pending) for r in busy], device=self.device)
         self.finish_block(busy, logits, pos[:, None] + torch.arange(self.B, device=self.device))
 
@@ -668,103 +359,90 @@ def _confident_run(preds, probs, threshold):
         yield preds[k]
 
 
-def calibrate(decoder, busy):
-    """Time a forward of each k on the current rows (the best of three after a warm-up run, which
-    also compiles it): the draft policy's prices at this batch size. These forwards write nothing
-    that counts: every slot they fill lies past its row's length, overwritten by its next step."""
-    rows = list(decoder.slots) if decoder.fixed else busy
-    live = [r is not None and not r.done for r in rows]
-    n, dev = len(rows), decoder.device
-    slots = torch.tensor([r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))],
-                         device=dev)
-    lengths = [r.length if ok else 0 for r, ok in zip(rows, live)]
-    seconds = []
-    for k in range(decoder.D + 1):
-        tokens = torch.full((n, queries(k, k)), decoder.mask_id, device=dev)
-        times = []
-        for _ in range(4):  # a warm-up (and compilation), then the best of three
-            t0 = time.perf_counter()
-            feed_uniform(decoder.model, decoder.cache, slots, torch.tensor(lengths, device=dev),
-                         max(lengths), tokens, decoder.shape(k, k), decoder.fn,
-                         decoder.fixed)[0, 0, 0].item()
-            times.append(time.perf_counter() - t0)
-        seconds.append(min(times[1:]))
-    decoder.policy.forward[decoder.policy.size(n)] = seconds
+def check_drafts(drafts, B):
+    if drafts != "auto" and not (isinstance(drafts, int) and not isinstance(drafts, bool)
+                                 and 0 <= drafts <= B - 1):
+        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
+                        "(block_size - 1)")
+    return drafts
+
+
+def check_length(model, longest, max_new_tokens):
+    """One line when a prompt of `longest` tokens plus its answer does not fit the model."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and longest + max_new_tokens > limit:
+        raise UserError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} is longer "
+                        f"than the model's {limit} positions: shorten it or lower max_new_tokens")
+
+
+def model_block(model, block_size=None, mask_token_id=None):
+    """(block size, mask token id): the given ones, else the model's config's."""
+    B = block_size or getattr(model.config, "next_block_size", None) or 1
+    mask = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id",
+                                                                  None)
+    return B, mask
 
 
 @torch.inference_mode()
 def generate(model, prompts, mode="ar", max_new_tokens=256, *, block_size=None,
              mask_token_id=None, eos_token_id=None, batch_size=16, threshold=0.7, drafts="auto",
-             temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, compile=False,
-             progress=False, trace=None):
-    """Decode many prompts at once with a per-row KV cache. mode: 'ar', 'block', 'adaptive' or
-    'lossless'. prompts: a list of token-id lists (or one list of ints: one result, not a list).
-    block_size and mask_token_id default to the model's config (next_block_size, mask_token_id);
-    eos_token_id: an id or a list of ids that end an answer.
+             temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, suppress_tokens=(),
+             compile=False, progress=False, trace=None):
+    """Decode many prompts at once with a per-row KV cache (README, "Decoding", shows a call).
+    mode: 'ar', 'block', 'adaptive' or 'lossless'. prompts: token-id lists (or one list of ints: one
+    result, not a list). block_size and mask_token_id default to the model's config; eos_token_id:
+    an id or ids that end an answer; suppress_tokens: ids never written (the mask token never is).
 
     Tokens are chosen greedily (temperature 0), or drawn from the filtered distribution (top_k,
-    top_p, min_p, as HF generate) with a noise that depends on the prompt's seed and the position
-    only: seed is an int (prompt i draws with seed + i) or one seed per prompt. A prompt's answer
-    depends on its tokens, its seed and these settings only, never on the batch, its neighbours or
-    the number of ranks; lossless gives ar's answer, token for token, in fewer forwards.
-    drafts (lossless): 'auto' picks the drafts verified per step from measured cost and acceptance;
-    an int k in [0, block_size-1] fixes them (block_size-1: every draft, k=0: ar steps).
+    top_p, min_p, as HF generate) with a noise of (seed, position) only: seed is an int (prompt i
+    draws with seed + i) or one per prompt. An answer depends on its prompt, its seed and these
+    settings only, never on the batch or the ranks; lossless gives ar's answer in fewer forwards,
+    verifying per step `drafts`: 'auto' (chosen from measured cost and acceptance) or an int in
+    [0, block_size - 1].
 
-    Returns, per prompt, (new token ids, {"tokens", "forwards", "shapes"}): forwards are the
-    forwards the prompt took part in, its prefill included; shapes (lossless) counts its steps per
-    "k,m". batch_size rows decode together; a finished row's slot takes the next prompt at once.
-    compile=True compiles the decoding step (every step of a shape has the same shape). progress:
-    a bar (or a line now and then) of answers done. trace=[]: the first prompt's forwards append
-    (their tokens, their logits rows)."""
+    Returns per prompt (new token ids, {"tokens", "forwards", "shapes"}): forwards it took part
+    in, its prefill included; shapes (lossless): its steps per "k,m". batch_size rows decode
+    together, a finished row's cache row taking the next prompt at once. compile=True: one shape
+    per step, compiled. progress: a bar of answers done. trace=[]: the first prompt's forwards
+    append (their tokens, their logits rows)."""
     single = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], int)
     prompts = [list(prompts)] if single else [list(p) for p in prompts]
-    B = block_size or getattr(model.config, "next_block_size", None) or 1
-    mask_token_id = mask_token_id if mask_token_id is not None else \
-        getattr(model.config, "mask_token_id", None)
+    B, mask_token_id = model_block(model, block_size, mask_token_id)
     check_generate(prompts, mode, max_new_tokens, batch_size, B, mask_token_id, drafts)
     sampling = check_sampling(temperature, top_k, top_p, min_p)
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise UserError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts (give an int, or one "
                         "seed per prompt)")
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    width = {"ar": 1, "block": 2 * B - 1, "adaptive": 2 * B - 1, "lossless": B * B}[mode]
+    stops = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     longest = max(len(p) for p in prompts)
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit and longest + max_new_tokens > limit:
-        raise UserError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} is longer "
-                        f"than the model's {limit} positions: shorten it or lower max_new_tokens")
+    check_length(model, longest, max_new_tokens)
     rows = min(batch_size, len(prompts))
-    capacity = ceil_to(longest + max_new_tokens + width + B, 64)  # + B: the padding's slot
+    capacity = ceil_to(longest + max_new_tokens + step_width(mode, B) + B, 64)  # + B: padding's
     policy = (draft_policy(model, B - 1, compile, sampling)
               if mode == "lossless" and drafts == "auto" else None)
-    dec = Decoder(model, mode, rows, capacity, B, mask_token_id, eos, max_new_tokens, sampling,
-                  threshold, policy, drafts, compile, trace)
-    waiting, results = deque(range(len(prompts))), [None] * len(prompts)
+    dec = Decoder(model, mode=mode, rows=rows, capacity=capacity, block_size=B,
+                  mask_token_id=mask_token_id, threshold=threshold,
+                  drafts=0 if drafts == "auto" else drafts, policy=policy, compiled=compile,
+                  suppress=suppress_tokens)
+    waiting = deque(Row(p, seed=s, sampling=sampling, stops=stops, max_new=max_new_tokens, key=i,
+                        trace=trace if i == 0 else None)
+                    for i, (p, s) in enumerate(zip(prompts, seeds)))
+    results = [None] * len(prompts)
     bar, tokens, forwards = Progress(len(prompts), "decoding", "answers", enabled=progress), 0, 0
     t0 = time.time()
-    while waiting or any(dec.slots):
-        new = []  # continuous batching: free slots take the next prompts, prefilled together
-        for s in range(rows):
-            if dec.slots[s] is None and waiting:
-                i = waiting.popleft()
-                dec.slots[s] = Row(i, prompts[i], seeds[i], s)
-                new.append(dec.slots[s])
-        if new:
-            dec.prefill(new)
-        busy = [r for r in dec.slots if r is not None and not r.done]
-        if busy:
-            dec.step(busy)
-        for s, r in enumerate(dec.slots):
-            if r is not None and r.done:
-                stats = {"forwards": r.forwards, "tokens": len(r.out)}
-                if mode == "lossless":
-                    stats["shapes"] = dict(r.shapes)
-                results[r.index] = (r.out, stats)
-                dec.slots[s] = None
-                tokens, forwards = tokens + len(r.out), forwards + r.forwards
-                bar.update(1, f"{tokens / (time.time() - t0):.0f} tokens/s, "
-                              f"{tokens / forwards:.2f} tokens/forward")
+    while waiting or dec.busy:
+        # continuous batching: free cache rows take the next prompts, prefilled together
+        dec.join([waiting.popleft() for _ in range(min(dec.free, len(waiting)))])
+        dec.step()
+        for r in dec.release():
+            stats = {"forwards": r.forwards, "tokens": len(r.out)}
+            if mode == "lossless":
+                stats["shapes"] = dict(r.shapes)
+            results[r.key] = (r.out, stats)
+            tokens, forwards = tokens + len(r.out), forwards + r.forwards
+            bar.update(1, f"{tokens / (time.time() - t0):.0f} tokens/s, "
+                          f"{tokens / forwards:.2f} tokens/forward")
     bar.close()
     return results[0] if single else results
 
@@ -781,22 +459,7 @@ def check_generate(prompts, mode, max_new_tokens, batch_size, B, mask_token_id, 
     at_least("batch_size", batch_size, 1)
     if mode != "ar" and mask_token_id is None:
         raise UserError(f"mode {mode!r} needs a mask token: this model was not trained by train.py")
-    if drafts != "auto" and not (isinstance(drafts, int) and 0 <= drafts <= B - 1):
-        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
-                        "(block_size - 1)")
-
-
-def check_sampling(temperature, top_k, top_p, min_p):
-    """The Sampling of these settings, or one line naming the one out of range."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise UserError(f"temperature={temperature!r}: must be a number >= 0 (0: greedy)")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise UserError(f"top_k={top_k!r}: must be an int >= 0 (0: off)")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p!r}: must be in (0, 1] (1: off)")
-    if not isinstance(min_p, (int, float)) or not 0 <= min_p < 1:
-        raise UserError(f"min_p={min_p!r}: must be in [0, 1) (0: off)")
-    return Sampling(float(temperature), top_k, float(top_p), float(min_p))
+    check_drafts(drafts, B)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -816,83 +479,63 @@ def teacher_forced(model, ids, spans, block_size, mask_token_id):
 
 
 # -------------------------------------------------------------------------------------------------
-# grading answers
+# the command line: reading, decoding, reporting, writing
 
-def boxed(text):
-    """The contents of the last \\boxed{...} (or \\fbox{...}) in text, nested braces included; None
-    if none."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    i = text.find("{", start) if start >= 0 else -1
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
+class Prompt(NamedTuple):
+    """A prompt to decode, read from data_files or --prompt."""
+    messages: list  # the conversation up to the turn decoded
+    ids: list  # its token ids, the generation prompt included
+    whole: tuple  # (ids, spans) of the whole conversation, for tf and block_tf; None: no target
+    target: str  # the reference answer, or None
+    tools: list  # tool schemas handed to the template, or None
 
 
-def extract_answer(text, pattern=""):
-    """The answer in a text: answer_regex's group 1; else the last \\boxed{..}; else what follows
-    "The answer is"; else what follows "####" (GSM8K); else the last number."""
-    if pattern:
-        m = re.search(pattern, text)
-        return m.group(1).strip() if m else None
-    found = boxed(text)
-    if found is not None:
-        return found.strip()
-    for rule in (r"The answer is[:\s]*([^\n]*?)\.?\s*$", r"####\s*(.+?)\s*$"):
-        m = re.search(rule, text.strip(), re.MULTILINE)
-        if m:
-            return m.group(1).strip()
-    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
-    return numbers[-1].rstrip(".") if numbers else None
+class Answer(NamedTuple):
+    """One decoded answer."""
+    tokens: list  # its new token ids
+    forwards: int  # the forwards it took part in
+    text: str  # decoded, special tokens skipped
+    raw: str  # decoded as written, its stop token left out (a training row's target)
+    finished: bool  # it ended with a stop token (not at max_new_tokens)
 
 
-def normalize_answer(answer):
-    """A canonical form for comparing answers: no surrounding $ or spaces, \\text{..} and
-    \\left/\\right unwrapped, \\dfrac as \\frac, a trailing period dropped, numbers as numbers
-    (1,234 -> 1234, 1.0 -> 1)."""
-    if answer is None:
-        return None
-    a = re.sub(r"\\text\{([^{}]*)\}", r"\1", answer.strip().strip("$").strip())
-    a = re.sub(r"\\(left|right|!|,|;)", "", a).replace("\\dfrac", "\\frac").replace("\\tfrac",
-                                                                                     "\\frac")
-    a = re.sub(r"\^\{?\\circ\}?", "", a).replace(" ", "").rstrip(".")
-    number = a.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a) else a
-    try:
-        value = float(number)
-        return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
-    except (ValueError, OverflowError):
-        return a
+def read_prompts(conversation, text, files, keys, n):
+    """The Prompts: text (--prompt) as one user message, or the first n rows of files (0: all);
+    keys: (prompt_key, response_key, messages_key, tools_key)."""
+    if text:
+        rows = [([{"role": "user", "content": text}], 1, None, "--prompt")]
+    else:
+        rows = chat.read_rows(expand_files(files), *keys, require_target=False)[:n or None]
+    prompts = []
+    for messages, first, tools, where in rows:
+        asked, target = chat.split_for_decoding(messages, first)
+        try:
+            whole = conversation.encode(messages, first, tools)[:2] if target is not None else None
+            prompts.append(Prompt(asked, conversation.prompt_ids(asked, tools), whole, target,
+                                  tools))
+        except chat.TemplateError as e:
+            raise UserError(f"{where}: the chat template refused this conversation: {e}") from None
+    return prompts
 
 
-def same_answer(text, target, pattern=""):
-    """(graded, correct): whether the target has an answer, and whether text's answer equals it."""
-    want = normalize_answer(extract_answer(target, pattern))
-    if want is None:
-        return False, False
-    return True, normalize_answer(extract_answer(text, pattern)) == want
+def decode_answers(model, tokenizer, prompts, mode, mine, k, settings, stops, traced):
+    """{j: Answer} for this rank's answers `mine` (answer j: prompt j // k, drawn with seed + j);
+    settings: generate()'s keyword arguments. traced: show the first answer's forwards."""
+    trace = [] if traced else None
+    decoded = generate(model, [prompts[j // k].ids for j in mine], mode,
+                       seed=[settings["seed"] + j for j in mine], trace=trace,
+                       progress=traced, **{s: v for s, v in settings.items() if s != "seed"})
+    answers = {}
+    for j, (new, stats) in zip(mine, decoded):
+        finished = bool(new) and new[-1] in stops
+        answers[j] = Answer(new, stats["forwards"], tokenizer.decode(new, skip_special_tokens=True),
+                            tokenizer.decode(new[:-1] if finished else new), finished)
+    if trace is not None and decoded:
+        print(f"\n[{mode}] sample 0, {len(decoded[0][0])} tokens in {decoded[0][1]['forwards']} "
+              "forwards:")
+        print(show(tokenizer, trace, use_color, verbose), flush=True)
+    return answers
 
-
-def pass_at_k(n, c, k):
-    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021):
-    1 - C(n - c, k) / C(n, k)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_correct(texts, target, pattern=""):
-    """Whether the most common normalised answer among texts (ties: the first seen) is right."""
-    answers = [normalize_answer(extract_answer(t, pattern)) for t in texts]
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return False
-    return same_answer(max(votes, key=lambda a: (votes[a], -answers.index(a))), target, pattern)[1]
-
-
-# -------------------------------------------------------------------------------------------------
-# the command line: reading, reporting, writing
 
 COLORS = ("\033[38;5;39m", "\033[38;5;208m")
 
@@ -923,85 +566,49 @@ def table(rows):
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def sampling_from(folder, temperature, top_k, top_p, min_p):
-    """The Sampling the settings mean: 'auto' and None take the checkpoint's generation_config.json
-    (as HF generate does: its values apply when it samples), greedy without one."""
-    try:
-        with open(os.path.join(folder, "generation_config.json")) as f:
-            gen = json.load(f)
-    except (OSError, ValueError):
-        gen = {}
-    sampled = bool(gen.get("do_sample"))
-    if temperature == "auto":
-        temperature = float(gen.get("temperature") or 1.0) if sampled else 0.0
-    elif isinstance(temperature, str):
-        try:
-            temperature = float(temperature)
-        except ValueError:
-            raise UserError(f"temperature={temperature!r}: expected 'auto' or a number") from None
-    defaults = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
-    chosen = {k: v if v is not None else gen.get(k) if sampled and gen.get(k) is not None
-              else defaults[k] for k, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
-    return check_sampling(temperature, **chosen)
+def summary_row(name, sizes, wall):
+    """One line of the summary table: sizes, (tokens, forwards) per answer of every rank."""
+    tokens, forwards = sum(t for t, _ in sizes), sum(f for _, f in sizes)
+    return {"scenario": name, "samples": len(sizes), "tokens": tokens, "forwards": forwards,
+            "tokens/forward": tokens / max(forwards, 1), "wall_s": wall,
+            "tokens/s": tokens / max(wall, 1e-9)}
 
 
-def read_prompts(conversation, path):
-    """(prompt messages, prompt ids, (ids, spans) of the whole conversation or None, reference
-    answer or None, tools) per sample: --prompt, or the first num_samples rows of data_files."""
-    if prompt:
-        rows = [([{"role": "user", "content": prompt}], 1, None, "--prompt")]
-    else:
-        rows = chat.read_rows(expand_files(data_files), prompt_key, response_key, messages_key,
-                              tools_key, require_target=False)[:num_samples or None]
-    samples = []
-    for messages, first, tools, where in rows:
-        asked, target = chat.split_for_decoding(messages, first)
-        try:
-            whole = conversation.encode(messages, first, tools)[:2] if target is not None else None
-            samples.append((asked, conversation.prompt_ids(asked, tools), whole, target, tools))
-        except chat.TemplateError as e:
-            raise UserError(f"{where}: the chat template refused this conversation: {e}") from None
-    return samples
+def teacher_columns(name, counts, B):
+    """tf: next-token accuracy; block_tf: accuracy per offset and tpf_tf (block_metrics counts)."""
+    if not counts:
+        return {}
+    metrics = summarize_metrics(sum(counts), 1 if name == "tf" else B)
+    if name == "tf":
+        return {"accuracy": metrics["acc@0"], "tokens/forward": ""}
+    return {"accuracy": " ".join(f"{metrics[f'acc@{i}']:.2f}" for i in range(B)),
+            "tokens/forward": metrics["tpf_tf"]}
 
 
-def summary_row(name, merged, wall, counts, samples, k, B):
-    """One line of the summary table from every rank's results: (tokens, forwards, text) per
-    answer for decoding, block_metrics counts for tf and block_tf."""
-    tokens, forwards = sum(r[0] for r in merged.values()), sum(r[1] for r in merged.values())
-    row = {"scenario": name, "samples": len(merged), "tokens": tokens, "forwards": forwards,
-           "tokens/forward": tokens / max(forwards, 1), "wall_s": wall,
-           "tokens/s": tokens / max(wall, 1e-9)}
-    if name in ("tf", "block_tf"):
-        if counts:
-            metrics = summarize_metrics(sum(counts), 1 if name == "tf" else B)
-            row["accuracy"] = metrics["acc@0"] if name == "tf" else \
-                " ".join(f"{metrics[f'acc@{i}']:.2f}" for i in range(B))
-            row["tokens/forward"] = metrics["tpf_tf"] if name == "block_tf" else ""
-        return row
-    graded = [i for i in range(len(samples)) if samples[i][3] is not None
-              and same_answer("", samples[i][3], answer_regex)[0]]
-    if graded:
-        texts = {i: [merged[i * k + s][2] for s in range(k)] for i in graded}
-        right = {i: sum(same_answer(t, samples[i][3], answer_regex)[1] for t in texts[i])
-                 for i in graded}
-        row["accuracy"] = sum(right.values()) / (k * len(graded))
-        if k > 1:
-            row[f"maj@{k}"] = sum(majority_correct(texts[i], samples[i][3], answer_regex)
-                                  for i in graded) / len(graded)
-            row[f"pass@{k}"] = sum(pass_at_k(k, right[i], k) for i in graded) / len(graded)
-    return row
+def training_rows(prompts, answers, k, opened):
+    """Each prompt with each finished answer as a conversation: the prompt's messages, then the
+    answer as an assistant turn, opened with what the generation prompt opened."""
+    return [{"prompt": prompts[j // k].messages, "tools": prompts[j // k].tools,
+             "target": [{"role": "assistant", "content": opened + a.raw}]}
+            for j, a in sorted(answers.items()) if a.finished]
 
 
-def write_answers(path, samples, answers, k, opened):
-    """Each prompt with each finished answer as a training row (prompt messages, target = the
-    answer as an assistant turn, opened with what the generation prompt opened), for train.py."""
-    rows = [{"prompt": samples[j // k][0],
-             "target": [{"role": "assistant", "content": opened + text}]}
-            for j, (text, finished) in sorted(answers.items()) if finished]
-    table_ = pa.Table.from_pylist(rows)
-    pq.write_table(table_, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return len(rows)
+def write_rows(rows, parquet_path, jsonl_path):
+    """The rows as a prompt/target parquet for train.py, and as JSON lines in the OpenAI
+    `messages` shape for other tools; each written to a .tmp file first, then renamed."""
+    if parquet_path:
+        table_ = pa.Table.from_pylist([{"prompt": r["prompt"], "target": r["target"]}
+                                       for r in rows])
+        pq.write_table(table_, parquet_path + ".tmp")
+        os.replace(parquet_path + ".tmp", parquet_path)
+    if jsonl_path:
+        with open(jsonl_path + ".tmp", "w") as f:
+            for r in rows:
+                line = {"messages": r["prompt"] + r["target"]}
+                if r["tools"]:
+                    line["tools"] = r["tools"]
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(jsonl_path + ".tmp", jsonl_path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1025,11 +632,8 @@ if __name__ == "__main__":
         print0(f"warning: block_size={block_size} but the model was trained with {trained}: "
                f"using {trained}")
     B, k = trained or block_size or 4, samples_per_prompt
-    drafts = int(drafts) if str(drafts).isdigit() else drafts
-    if drafts != "auto" and not (isinstance(drafts, int) and drafts < B):
-        raise UserError(f"drafts={drafts!r}: expected 'auto' or an int in [0, {B - 1}] "
-                        "(block_size - 1)")
-    sampling = sampling_from(path, temperature, top_k, top_p, min_p)
+    drafts = check_drafts(int(drafts) if str(drafts).isdigit() else drafts, B)
+    sampling = sampling_from(generation_defaults(path), temperature, top_k, top_p, min_p)
     if tensor_parallel > 1:
         tp_plan(model_config, tensor_parallel)  # the model's plan and sizes, before loading it
     rank, _, world, dev = compute_init(device)
@@ -1040,12 +644,19 @@ if __name__ == "__main__":
     options = chat_template_kwargs if chat_template_kwargs is not None else \
         getattr(model.config, "chat_template_kwargs", None) or {}
     conversation = chat.Chat(tokenizer, options, prompt_format)
-    samples, eos = read_prompts(conversation, path), conversation.stop_ids()
-    mine = list(range(dp_rank, len(samples) * k, dp))  # each group decodes its share of the answers
+    prompts = read_prompts(conversation, prompt, data_files,
+                           (prompt_key, response_key, messages_key, tools_key), num_samples)
+    stops = stop_ids(conversation, path)
+    settings = dict(block_size=B, mask_token_id=mask_id, eos_token_id=stops, batch_size=batch_size,
+                    threshold=threshold, drafts=drafts, seed=seed, compile=compile,
+                    max_new_tokens=max_new_tokens,
+                    suppress_tokens=never_written(conversation, mask_id, stops),
+                    **sampling._asdict())
+    mine = list(range(dp_rank, len(prompts) * k, dp))  # each group decodes its share of answers
     use_color = sys.stdout.isatty() if color is None else color
-    how = "greedy" if sampling.temperature == 0 else ", ".join(f"{f} {v}" for f, v in zip(
-        sampling._fields, sampling))
-    print0(f"checkpoint {path} | block_size {B} | mask token {mask_id} | {len(samples)} prompts x "
+    how = "greedy" if sampling.temperature == 0 else ", ".join(
+        f"{f} {v}" for f, v in zip(sampling._fields, sampling))
+    print0(f"checkpoint {path} | block_size {B} | mask token {mask_id} | {len(prompts)} prompts x "
            f"{k} | {how} | batch_size {batch_size} | device {dev}"
            + (f" x {world} ranks" if world > 1 else "")
            + (f" (tensor parallel {tensor_parallel})" if tensor_parallel > 1 else ""))
@@ -1054,41 +665,35 @@ if __name__ == "__main__":
 
     summary, outputs = {}, {}
     for name in wanted:
-        t0, counts, results = time.time(), None, {}
+        t0 = time.time()
         if name in ("tf", "block_tf"):
-            for i in range(dp_rank, len(samples), dp):
-                if samples[i][2] is not None:
-                    c = teacher_forced(model, *samples[i][2], 1 if name == "tf" else B, mask_id)
+            counts, sizes = None, {}
+            for i in range(dp_rank, len(prompts), dp):
+                if prompts[i].whole is not None:
+                    c = teacher_forced(model, *prompts[i].whole, 1 if name == "tf" else B, mask_id)
                     counts = c if counts is None else counts + c
-                    results[i] = (sum(e - s for s, e in samples[i][2][1]), 1)
-        else:
-            trace = [] if rank == 0 else None
-            decoded = generate(model, [samples[j // k][1] for j in mine], name, max_new_tokens,
-                               block_size=B, mask_token_id=mask_id, eos_token_id=eos,
-                               batch_size=batch_size, threshold=threshold, drafts=drafts,
-                               seed=[seed + j for j in mine], compile=compile,
-                               progress=rank == 0, trace=trace, **sampling._asdict())
-            for j, (new, stats) in zip(mine, decoded):
-                finished = bool(new) and new[-1] in eos
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                raw = tokenizer.decode(new[:-1] if finished else new)
-                results[j] = (stats["tokens"], stats["forwards"], text, new, raw, finished)
-            if trace is not None:
-                print(f"\n[{name}] sample 0, {len(decoded[0][0])} tokens in "
-                      f"{decoded[0][1]['forwards']} forwards:")
-                print(show(tokenizer, trace, use_color, verbose), flush=True)
+                    sizes[i] = (sum(e - s for s, e in prompts[i].whole[1]), 1)
+            counts = [c for c, r in zip(all_gather(counts), range(world)) if c is not None and
+                      r % tensor_parallel == 0]  # a group's ranks counted the same
+            merged = {i: s for part in all_gather(sizes) for i, s in part.items()}
+            wall = max(all_gather(time.time() - t0))
+            summary[name] = summary_row(name, list(merged.values()), wall)
+            summary[name].update(teacher_columns(name, counts, B))
+            continue
+        answers = decode_answers(model, tokenizer, prompts, name, mine, k, settings, stops,
+                                 traced=rank == 0)
         wall = max(all_gather(time.time() - t0))
-        merged = {i: r for part in all_gather(results) for i, r in part.items()}
-        counts = [c for c, r in zip(all_gather(counts), range(world)) if c is not None and
-                  r % tensor_parallel == 0]  # a group's ranks counted the same
-        summary[name] = summary_row(name, merged, wall, counts, samples, k, B)
-        if name in MODES:
-            outputs[name] = merged
+        merged = {j: a for part in all_gather(answers) for j, a in part.items()}
+        summary[name] = summary_row(name, [(len(a.tokens), a.forwards) for a in merged.values()],
+                                    wall)
+        summary[name].update(grade.accuracy({j: a.text for j, a in merged.items()},
+                                            [p.target for p in prompts], k, answer_regex))
+        outputs[name] = merged
     for name, row in summary.items():
         if name in MODES and "ar" in summary:
             row["speedup"] = row["tokens/s"] / max(summary["ar"]["tokens/s"], 1e-9)
         if name in MODES and name != "ar" and "ar" in outputs:
-            same = sum(outputs[name][j][3] == outputs["ar"][j][3] for j in outputs["ar"])
+            same = sum(outputs[name][j].tokens == a.tokens for j, a in outputs["ar"].items())
             row["same_as_ar"] = f"{same}/{len(outputs['ar'])}"
     columns = ["scenario", "samples", "tokens", "forwards", "tokens/forward", "wall_s", "tokens/s",
                "speedup", "accuracy", *([f"maj@{k}", f"pass@{k}"] if k > 1 else []), "same_as_ar"]
@@ -1098,11 +703,12 @@ if __name__ == "__main__":
             json.dump({"checkpoint": path, "block_size": B, "batch_size": batch_size,
                        "samples_per_prompt": k, "sampling": sampling._asdict(),
                        "world_size": world, "scenarios": summary}, f, indent=1)
-    if write_parquet and rank == 0 and outputs:
+    if (write_parquet or write_jsonl) and rank == 0 and outputs:
         name = next((s for s in ("lossless", "ar") if s in outputs), next(iter(outputs)))
         opened = conversation.generation[len(conversation.header):]
-        answers = {j: (r[4], r[5]) for j, r in outputs[name].items()}
-        n = write_answers(write_parquet, samples, answers, k, opened)
-        print0(f"wrote {n} rows to {write_parquet} (the {name} answers; {len(answers) - n} that "
-               "hit max_new_tokens left out)")
+        rows = training_rows(prompts, outputs[name], k, opened)
+        write_rows(rows, write_parquet, write_jsonl)
+        print0(f"wrote {len(rows)} rows to {' and '.join(p for p in (write_parquet, write_jsonl) if p)}"
+               f" (the {name} answers; {len(outputs[name]) - len(rows)} that hit max_new_tokens "
+               "left out)")
     compute_cleanup()

@@ -15,8 +15,11 @@ from conftest import ROOT, jsonl, python, read_json, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
+from policy import DraftPolicy
 import sample
-from sample import MODES, extract_answer, normalize_answer, same_answer
+import sampling
+from grade import extract_answer, majority_correct, normalize_answer, pass_at_k, same_answer
+from sample import MODES
 
 MASK = 127
 
@@ -133,6 +136,7 @@ def test_cached_steps_equal_a_full_recompute(mode):
         else:  # the clean stream's verification of each accepted token
             full = torch.stack(
                 [full_logits(model, seq + out[done : done + i])[-1] for i in range(len(tokens))])
+        full[..., MASK] = -math.inf  # the mask token is never written: its logit is suppressed
         torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
         done += len(tokens)
     assert done == len(out) == 12 and stats["forwards"] == len(trace)
@@ -298,8 +302,8 @@ def tv(p, q):
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-@pytest.mark.parametrize("settings,n", [(sample.Sampling(1.0), 20000),
-                                        (sample.Sampling(0.7, top_k=5, top_p=0.8), 8000)])
+@pytest.mark.parametrize("settings,n", [(sampling.Sampling(1.0), 20000),
+                                        (sampling.Sampling(0.7, top_k=5, top_p=0.8), 8000)])
 def test_ar_samples_the_filtered_distribution(settings, n):
     """Many seeds of one prompt: the empirical distribution of ar's 2-token continuations equals the
     enumerated filtered one (total variation below what the sampling noise allows), while the
@@ -375,7 +379,7 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
     want = generate(model, prompts, "ar", 4, MASK, 20, eos_token_id=9, batch_size=64,
                     temperature=0.8, top_p=0.9)
 
-    class Scripted_(sample.DraftPolicy):  # calibrates and measures as usual, then picks at random
+    class Scripted_(DraftPolicy):  # calibrates and measures as usual, then picks at random
         rng = random.Random(0)
 
         def best(self, n):
@@ -391,14 +395,14 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
 
 
 def test_the_draft_policy_weighs_acceptance_against_cost():
-    policy = sample.DraftPolicy(3)
+    policy = DraftPolicy(3)
     policy.forward[64] = [1.0, 4.0, 9.0, 16.0]  # compute-bound: a forward costs its queries
     for _ in range(100):
         policy.score([1, 2, 3], [1, 2, 3])  # every draft right: 4 tokens per step
     assert policy.best(64) == 0  # 4 tokens for 16x the cost: ar wins
     policy.forward[1] = [1.0, 1.05, 1.1, 1.2]  # a GPU at batch 1: queries nearly free
     assert policy.best(1) == 3
-    bad = sample.DraftPolicy(3)
+    bad = DraftPolicy(3)
     bad.forward = policy.forward
     for _ in range(100):
         bad.score([1, 2, 3], [9, 9, 9])  # drafts never right
@@ -406,7 +410,7 @@ def test_the_draft_policy_weighs_acceptance_against_cost():
 
 
 def test_the_draft_policy_believes_measured_steps_and_measures_the_others_again():
-    policy = sample.DraftPolicy(3)
+    policy = DraftPolicy(3)
     policy.forward[8] = [1.0, 1.1, 1.2, 1.3]  # calibrated: drafts nearly free
     for _ in range(100):
         policy.score([1, 2, 3], [1, 2, 3])
@@ -424,12 +428,12 @@ def test_the_draft_policy_believes_measured_steps_and_measures_the_others_again(
 
 
 def test_pass_at_k_and_majority_vote():
-    assert sample.pass_at_k(4, 0, 4) == 0 and sample.pass_at_k(4, 1, 4) == 1
-    assert sample.pass_at_k(4, 1, 1) == 0.25 and abs(sample.pass_at_k(5, 2, 2) - 0.7) < 1e-12
+    assert pass_at_k(4, 0, 4) == 0 and pass_at_k(4, 1, 4) == 1
+    assert pass_at_k(4, 1, 1) == 0.25 and abs(pass_at_k(5, 2, 2) - 0.7) < 1e-12
     right = "The answer is 12."
-    assert sample.majority_correct(["The answer is 12.", "The answer is 11.", "#### 12"], right)
-    assert not sample.majority_correct(["The answer is 11.", "The answer is 11.", "12"], right)
-    assert not sample.majority_correct(["no answer"], right)
+    assert majority_correct(["The answer is 12.", "The answer is 11.", "#### 12"], right)
+    assert not majority_correct(["The answer is 11.", "The answer is 11.", "12"], right)
+    assert not majority_correct(["no answer"], right)
 
 
 def test_extract_and_compare_answers():
