@@ -186,7 +186,7 @@ class Guard:
         await self.app(scope, counted, send)
 
     def too_large(self):
-        return f"the body is larger than {self.limit / 2 ** 20:g} MB (max_body_mb)"
+        return f"the body is larger than {round(self.limit / 2 ** 20, 3):g} MB (max_body_mb)"
 
 
 async def watch(request, engine, rows):

@@ -149,7 +149,10 @@ def run(f, rows, tokens, positions, is_mask, mask, write_at, kv_len, keep):
     f.cache.step_rows, f.cache.write_at, f.cache.kv_len = rows, write_at, kv_len
     f.cache.all_rows, f.cache.index = len(rows) == f.cache.rows, None
     set_gate(f.model, is_mask)  # a gated adapter (lora.py) acts on the masks only: ar runs the base
-    return f.fn(f.model, f.cache, tokens, positions, mask, keep, f.suppress)
+    try:
+        return f.fn(f.model, f.cache, tokens, positions, mask, keep, f.suppress)
+    finally:
+        set_gate(f.model, None)  # off again: a forward by anyone else (HF generate) is the base's
 
 
 def feed(f, rows, lengths, items, keep, eager=False):
@@ -185,13 +188,14 @@ def feed(f, rows, lengths, items, keep, eager=False):
                kv_len, keep)
 
 
-def step_shape(k, m, device):
+def step_shape(k, m, device, g=None):
     """The new tokens of a uniform step, relative to a row's cache length c: [pending][d_1..d_k]
-    [G_0]..[G_k], group G_i holding m masks that draft what follows the clean token at c + i (k =
-    m = 0: an ar step). Returns (position offsets, limit offsets, is_mask, visible: which new token
+    then g groups of m masks: G_0..G_k (g = k + 1, the default), or G_0 and G_k alone (g = 2),
+    group G_i drafting what follows the clean token at c + i (k = m = 0: an ar step). Returns (position offsets, limit offsets, is_mask, visible: which new token
     sees which, by mask.py's rule, [Q, Q + 1] with a last column of False)."""
     clean = [(i, i + 1, False) for i in range(k + 1)]
-    groups = [(i + 1 + j, i + 1, True) for i in range(k + 1) for j in range(m)]
+    after = range(k + 1) if g is None or g == k + 1 else (0, k)
+    groups = [(i + 1 + j, i + 1, True) for i in after for j in range(m)]
     position, limit, is_mask = (torch.tensor(x, device=device) for x in zip(*(clean + groups)))
     Q = len(position)
     mod = make_mask_mod(torch.zeros(1, Q, device=device), position[None], limit[None],

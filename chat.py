@@ -2,13 +2,19 @@
 chat.py: rows of data -> the token ids of one conversation and the spans the model learns, rendered
 by the tokenizer's own chat template (docs/design.md, "Chat data").
 
-Two row formats, one conversation each:
+Two shapes of row, one conversation each (formats.py reads them from parquet, Arrow, JSON lines
+and JSON files, OpenAI messages or ShareGPT conversations):
   prompt / target    prompt: a string or {role, content} messages; target: a string or messages
                      (its assistant turns, with any tool messages between them). Only the target's
                      assistant turns are learned.
   messages (+ tools) the whole conversation: system / user / assistant / tool messages,
                      assistant ones with tool_calls where present; an optional tools column is
                      handed to the template. Every assistant turn is learned.
+
+An assistant turn's reasoning_content is rendered as the template renders reasoning, in the field
+it takes (Qwen3's reasoning_content, gpt-oss's thinking); for a template that takes none it goes
+into the content as Qwen3 writes it (`<think>\\n...\\n</think>\\n\\n` before the answer), noted:
+reasoning in the data is never dropped in silence.
 
 What is learned for an assistant turn is what the template renders for it after the
 generation prompt: its wrapper (e.g. gpt-oss's `<|channel|>final<|message|>`), the content,
@@ -29,18 +35,16 @@ import os
 import re
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
+import formats
 from configurator import UserError, first_line
 from demo import demo_tokenizer
 
 MASK_TOKEN = "<|mask|>"
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "vocab.txt", "spiece.model"}
-ROLES = ("system", "user", "assistant", "tool")
 # private-use characters: never in data, never changed by a template
 SENTINEL = "\ue000SENTINEL\ue000"
 PROTECTED = re.compile("\ue001(\\d+)\ue002")
@@ -88,137 +92,21 @@ def training_tokenizer(init_from):
 
 
 # -------------------------------------------------------------------------------------------------
-# reading rows
+# reading rows: formats.py reads every file format; these names are what sample.py and serve.py use
 
-def _clean(value):
-    """Parquet gives every struct all the keys of its column
-    (None where a row has none): drop those."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def check_messages(value, where, column):
-    """A cell as a list of messages; a plain string becomes one user message.
-    Raises UserError naming the row."""
-    if isinstance(value, str):
-        value = [{"role": "user", "content": value}]
-    if not isinstance(value, (list, tuple)) or not value:
-        kind = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise UserError(f"{where}: column {column!r} must be a string or a list of "
-                        f"{{role, content}} messages, got {kind}")
-    messages = []
-    for i, m in enumerate(_clean(list(value))):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"{where}: column {column!r} message {i} "
-                            "must have 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where}: column {column!r} message {i} has unknown role "
-                            f"{m['role']!r} (expected one of {', '.join(ROLES)})")
-        content = m.get("content")
-        calls = m.get("tool_calls")
-        if content is None and not calls:
-            raise UserError(f"{where}: column {column!r} message {i} "
-                            "must have 'role' and 'content'")
-        if content is not None and not isinstance(content, str):
-            raise UserError(f"{where}: column {column!r} message {i} content must be a string, "
-                            f"got {type(content).__name__}")
-        if not (content or "").strip() and not calls:
-            raise UserError(f"{where}: column {column!r} message {i} has empty content")
-        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
-            raise UserError(f"{where}: column {column!r} message {i}: tool_calls must be a "
-                            "list, on an assistant message")
-        # no content key for a tool call without content (transformers >= 5.24 drops None too)
-        messages.append(m)
-    return messages
-
-
-def _tools(value, where, column):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise UserError(f"{where}: column {column!r} is not valid JSON ({e})") from None
-    if not isinstance(value, list):
-        raise UserError(f"{where}: column {column!r} must be a list of tool schemas, got "
-                        f"{type(value).__name__}")
-    return _clean(value) or None
+check_messages = formats.check_messages
 
 
 def read_rows(paths, prompt_key="prompt", response_key="target", messages_key="messages",
-              tools_key="tools", require_target=True):
-    """Every row of the parquet files as (messages, first, tools, where): the conversation, the
-    index of its first learned message (its assistant turns from there on are learned), tool schemas
-    or None, and where it came from ("file row N"). A file with a messages_key column holds whole
-    conversations; otherwise prompt_key and response_key (optional when decoding: first is then
-    len(messages), nothing to learn)."""
-    rows = []
-    for path in paths:
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
-        rows += rows_of_table(table, path, 0, prompt_key, response_key, messages_key, tools_key,
-                              require_target)
-    return rows
-
-
-def check_columns(names, path, prompt_key, response_key, messages_key, require_target=True):
-    """The columns a file needs, or one error naming what is missing."""
-    if messages_key in names:
-        return [messages_key]
-    for key in (prompt_key, response_key) if require_target else (prompt_key,):
-        if key not in names:
-            raise UserError(f"{path}: missing column {key!r} (columns: {', '.join(names)}; set "
-                            f"prompt_key / response_key, or give a {messages_key!r} column)")
-    return [k for k in (prompt_key, response_key) if k in names]
-
-
-def rows_of_table(table, path, row0, prompt_key, response_key, messages_key, tools_key,
-                  require_target=True):
-    """The rows of one parquet table (or a batch of it, its first row being row0
-    of the file); see read_rows."""
-    names = table.column_names
-    check_columns(names, path, prompt_key, response_key, messages_key, require_target)
-    n = table.num_rows
-    tools = table.column(tools_key).to_pylist() if tools_key in names else [None] * n
-    rows = []
-    if messages_key in names:
-        for row, (value, tool) in enumerate(zip(table.column(messages_key).to_pylist(),
-                                                tools), row0):
-            where = f"{path} row {row}"
-            if isinstance(value, str):  # a whole conversation has roles: a string has none
-                raise UserError(f"{where}: column {messages_key!r} must be a list of {{role, "
-                                "content} messages, got a string (a prompt belongs in "
-                                f"{prompt_key!r})")
-            messages = check_messages(value, where, messages_key)
-            if require_target and not any(m["role"] == "assistant" for m in messages):
-                raise UserError(f"{where}: column {messages_key!r} "
-                                "has no assistant message to learn")
-            rows.append((messages, 0, _tools(tool, where, tools_key), where))
-        return rows
-    prompts = table.column(prompt_key).to_pylist()
-    targets = table.column(response_key).to_pylist() if response_key in names else [None] * n
-    for row, (prompt, target, tool) in enumerate(zip(prompts, targets, tools), row0):
-        where = f"{path} row {row}"
-        messages = check_messages(prompt, where, prompt_key)
-        if target is None and not require_target:
-            rows.append((messages, len(messages), _tools(tool, where, tools_key), where))
-            continue
-        if isinstance(target, str):
-            if not target.strip():
-                raise UserError(f"{where}: column {response_key!r} is empty")
-            reply = [{"role": "assistant", "content": target}]
-        else:
-            reply = check_messages(target, where, response_key)
-            if not any(m["role"] == "assistant" for m in reply):
-                raise UserError(f"{where}: column {response_key!r} has no assistant message")
-        rows.append((messages + reply, len(messages), _tools(tool, where, tools_key), where))
-    return rows
+              tools_key="tools", require_target=True, data_format="auto"):
+    """Every row of the data files as a formats.Row (messages, first, tools, where): the
+    conversation, the index of its first learned message (its assistant turns from there on are
+    learned), tool schemas or None, and where it came from ("file row N", "file line N"). A file
+    with a messages_key (or ShareGPT 'conversations') column holds whole conversations; otherwise
+    prompt_key and response_key (optional when decoding: first is then len(messages), nothing to
+    learn)."""
+    return formats.read_rows(paths, prompt_key, response_key, messages_key, tools_key,
+                             require_target, data_format)
 
 
 def split_for_decoding(messages, first):
@@ -273,6 +161,10 @@ class Chat:
         if self.eos is None and prompt_format is not None:
             raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: with "
                             "prompt_format the model could not learn to stop")
+        self.reasoning = self._reasoning_field() if prompt_format is None else None
+        unk = tokenizer.unk_token_id  # GPT-2's is its EOS, which every sample ends with
+        self.unk = unk if unk not in (tokenizer.eos_token_id, tokenizer.bos_token_id,
+                                      tokenizer.pad_token_id) else None
 
     def _structure(self):
         """The special tokens the template writes around system and user messages, as the
@@ -293,6 +185,40 @@ class Chat:
             found |= (set(self.special_re.findall(before + header + closer)) if self.special_re
                       else set())
         return found
+
+    def _reasoning_field(self):
+        """The message field the template renders an assistant turn's reasoning from
+        (reasoning_content: Qwen3; thinking: gpt-oss), or None when it renders none."""
+        for field in ("reasoning_content", "thinking", "reasoning"):
+            try:
+                text = self.render([{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "ok", field: SENTINEL}])
+            except TemplateError:
+                continue
+            if SENTINEL in text:
+                return field
+        return None
+
+    def with_reasoning(self, messages, notes=None):
+        """messages with each assistant turn's reasoning_content in the field the template
+        renders reasoning from, or, for a template that takes none, in the content as Qwen3's
+        template writes it (noted 'reasoning_in_content' in notes)."""
+        if not any("reasoning_content" in m for m in messages):
+            return messages
+        out = []
+        for m in messages:
+            if "reasoning_content" in m:
+                m = dict(m)
+                reasoning = m.pop("reasoning_content")
+                if self.reasoning:
+                    m[self.reasoning] = reasoning
+                else:
+                    m["content"] = (f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                                    f"{(m.get('content') or '').lstrip(chr(10))}")
+                    if notes is not None:
+                        notes.add("reasoning_in_content")
+            out.append(m)
+        return out
 
     def _generation_prompt(self):
         """(the generation prompt, its header): what add_generation_prompt appends
@@ -384,6 +310,7 @@ class Chat:
     def prompt_ids(self, messages, tools=None):
         """What the model is prompted with before its next turn (sample.py): the messages rendered
         with the generation prompt."""
+        messages = self.with_reasoning(messages)
         if self.prompt_format is not None:
             # the tokenizer adds BOS if it uses one
             return self.tok(self.render(messages)).input_ids
@@ -403,12 +330,16 @@ class Chat:
         """encode() for many (messages, first, tools) rows, tokenizing them together; a row the
         template refuses gives its TemplateError instead of a result."""
         if self.prompt_format is not None:
+            notes = [set() for _ in rows]
+            rows = [(self.with_reasoning(m, n), first, tools)
+                    for (m, first, tools), n in zip(rows, notes)]
             prompts = self.tok([self.render(m[:first]) for m, first, _ in rows]).input_ids
             replies = self.tok(["".join(x.get("content") or "" for x in m[first:]
                                         if x["role"] == "assistant") for m, first, _ in rows],
                                add_special_tokens=False).input_ids
-            return [(p + r + [self.tok.eos_token_id], [(len(p), len(p) + len(r) + 1)], set())
-                    for p, r in zip(prompts, replies)]
+            return self._note_unknown(
+                [(p + r + [self.tok.eos_token_id], [(len(p), len(p) + len(r) + 1)], n)
+                 for p, r, n in zip(prompts, replies, notes)])
         plans, results = [], [None] * len(rows)
         for i, (messages, first, tools) in enumerate(rows):
             try:
@@ -431,12 +362,21 @@ class Chat:
             turn_ids = turn_ids + ([] if closed else [self.tok.eos_token_id])
             token_spans.append((len(ids), len(ids) + len(turn_ids)))
             results[i] = (ids + turn_ids, [(s, e) for s, e in token_spans if e > s], notes)
+        return self._note_unknown(results)
+
+    def _note_unknown(self, results):
+        """Notes 'unknown_token' on results whose ids hold the tokenizer's unknown token: text it
+        has no token for (a NUL byte, an emoji, right-to-left text in a character vocabulary)."""
+        for result in results if self.unk is not None else ():
+            if isinstance(result, tuple) and result[0] is not None and self.unk in result[0]:
+                result[2].add("unknown_token")
         return results
 
     def _plan(self, messages, first, tools):
         """(prompt text, [start, end) of earlier learned turns in it, last turn's text, closed,
         placeholder table, notes): the text of one conversation before tokenizing."""
         notes = set()
+        messages = self.with_reasoning(messages, notes)
         learned = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
         last = learned[-1]
         if any(self.guard_re.search(t) for t in _strings(messages[:last + 1])) or \
@@ -578,7 +518,13 @@ NOTES = {  # what a row's notes mean, said once at start-up with a count and the
     "not_after_prompt": "the template renders this turn differently from its generation prompt: "
                         "kept as the target says, after the prompt",
     "history_not_found": "an earlier assistant turn could not be found in the rendered history: "
-                         "trained as context only"}
+                         "trained as context only",
+    "reasoning_in_content": "reasoning_content written into the assistant's content as "
+                            "'<think>\\n...\\n</think>\\n\\n' (the chat template renders no "
+                            "reasoning field)",
+    "unknown_token": "text the tokenizer has no token for (NUL bytes, emoji, right-to-left text, "
+                     "...) became its unknown token: the model cannot read or write it; check the "
+                     "data or the tokenizer"}
 
 
 def _strings(messages):

@@ -100,10 +100,22 @@ def read_sidecar(path):
 
 def find_hf_folder(path):
     """The Hugging Face folder that path means: itself, its huggingface/ subfolder, or that of the
-    newest complete checkpoint when path is a run's out_dir."""
+    newest intact checkpoint when path is a run's out_dir (its export's files as saved: a newer
+    one that is not is passed over with one line, as train.py resumes past it)."""
     complete = checkpoints(path)
-    if complete:
-        path = complete[-1][1]
+    problems = []  # (checkpoint, what is wrong with its export), newest first
+    for _, newest in reversed(complete):
+        problem = _export_problem(newest)
+        if problem is None:
+            break
+        problems.append((os.path.basename(newest), problem))
+    if complete and len(problems) == len(complete):
+        raise UserError(f"no intact checkpoint in {path}: the newest, {problems[0][0]}: "
+                        f"{problems[0][1][:300]}")
+    if problems:
+        print0(f"note: decoding {newest}: the newer {', '.join(name for name, _ in problems)} "
+               f"cannot be trusted ({problems[0][1][:300]})")
+    path = newest if complete else path
     for folder in (path, os.path.join(path, "huggingface")):
         if os.path.exists(os.path.join(folder, "config.json")):
             return folder
@@ -112,6 +124,15 @@ def find_hf_folder(path):
     raise UserError(f"{path!r} holds no checkpoint: not a Hugging Face model folder (no "
                     "config.json there or in huggingface/), nor a run's out_dir with a complete "
                     "global_step_N")
+
+
+def _export_problem(ckpt):
+    """None if a checkpoint's huggingface/ files are what it saved, else what is wrong."""
+    sidecar = read_sidecar(ckpt)
+    if sidecar is None:
+        return "checkpoint.json cannot be read, or was edited (its checksum)"
+    return verify(ckpt, {rel: v for rel, v in sidecar.get("files", {}).items()
+                         if rel.startswith("huggingface" + os.sep)})
 
 
 # -------------------------------------------------------------------------------------------------

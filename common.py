@@ -183,3 +183,12 @@ class Progress:
 
     def close(self):
         self.bar.close()
+
+
+def text_table(rows):
+    """Rows of dicts -> aligned text."""
+    cols = list(rows[0])
+    cells = [cols] + [[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+                      for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)).rstrip() for row in cells)

@@ -25,13 +25,17 @@ anything slow happens, so a typo costs nothing.
 
 import ast
 import difflib
+import json
 import os
 import re
 import signal
 import sys
+import time
 import traceback
 
 CONFIG_TYPES = (int, float, bool, str, type(None), list, tuple, dict)
+SCENARIOS = ("ar", "tf", "block", "block_tf", "adaptive", "lossless")  # sample.py's, in its order
+WORKER_GRACE_S = 20  # how long a torchrun worker's mistake waits for rank 0 to end the job
 
 
 class UserError(ValueError):
@@ -52,11 +56,35 @@ def _print_user_errors(kind, value, tb):
         os._exit(130)  # the shell's code for Ctrl-C, without the interpreter's shutdown noise
     if not issubclass(kind, UserError):
         sys.__excepthook__(kind, value, tb)
-    elif int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a torchrun worker: no teardown
+            sys.stderr.flush()
+            os._exit(1)
+        return
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         print(f"error: {value}", file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a torchrun worker: no teardown (compute_cleanup)
-        sys.stderr.flush()
-        os._exit(1)
+        return
+    _worker_error(value)
+
+
+def _worker_error(value):
+    """A torchrun worker's mistake. torchrun stops every rank the moment one exits, so a rank that
+    left at once would take rank 0 down before its line is out, and then torchrun's own traceback
+    is all the user reads. Rank 0 prints its line and leaves it in torchrun's error file (its
+    report quotes it last, as the root cause); the other ranks wait for rank 0, which meets the
+    same mistake, to end the job, and print theirs only if it does not (a mistake of their own)."""
+    rank, line = int(os.environ.get("RANK", 0)), f"error: {value}"
+    if rank:
+        time.sleep(WORKER_GRACE_S)
+        line = f"error (rank {rank}): {value}"
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        try:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {  # torchrun's own shape
+                    "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the line is out on stderr already
+    os._exit(1)  # no teardown (compute_cleanup): the others are stopped by torchrun
 
 
 sys.excepthook = _print_user_errors  # from the first import on: Ctrl-C while torch loads: a line
@@ -142,6 +170,12 @@ def _run_config_file(path, g, keys):
         raise UserError(f"{path} line {e.lineno}: {e.msg}") from None
     except OSError as e:
         raise UserError(f"config file {path!r}: {e.strerror}") from None
+    except SystemExit as e:  # sys.exit(3) or exit() in the file: say where, keep its code
+        line = next((f.lineno for f in traceback.extract_tb(e.__traceback__)
+                     if f.filename == path), "?")
+        print(f"error: {path} line {line}: the config file called sys.exit({e.code!r})",
+              file=sys.stderr, flush=True)
+        raise
     except Exception as e:  # a NameError, a ZeroDivisionError, ... in the file's own code
         line = next((f.lineno for f in traceback.extract_tb(e.__traceback__)
                      if f.filename == path), "?")
@@ -213,6 +247,7 @@ def check_train(c, world):
     one_of("attention", c["attention"], ("auto", "flex", "sdpa"))
     one_of("parallel", c["parallel"], ("fsdp", "ddp"))
     one_of("special_text", c["special_text"], ("keep", "drop"))
+    one_of("data_format", c["data_format"], ("auto", "prompt_target", "messages", "sharegpt"))
     one_of("finetune", c["finetune"], ("full", "gated_lora"))
     at_least("lora_rank", c["lora_rank"], 1)
     between("lora_alpha", c["lora_alpha"], 1e-6, 1e6)
@@ -253,32 +288,36 @@ def check_train(c, world):
     if c["init_from"] != "demo" and not os.path.isdir(c["init_from"]):
         raise UserError(f"init_from={c['init_from']!r} is not a folder (a local Hugging Face "
                         "model, or 'demo'; nothing is downloaded)")
-    if c["prompt_format"] is not None and "{prompt}" not in str(c["prompt_format"]):
-        raise UserError(f"prompt_format={c['prompt_format']!r}: expected a str with a {{prompt}} "
-                        "field")
+    check_prompt_format(c["prompt_format"])
     if c["batch_tokens"] and c["batch_tokens"] < c["block_size"] + 1:
         raise UserError(f"batch_tokens={c['batch_tokens']}: a micro-batch must hold a prompt and a "
                         "block")
+
+
+def check_prompt_format(prompt_format):
+    if prompt_format is not None and "{prompt}" not in str(prompt_format):
+        raise UserError(f"prompt_format={prompt_format!r}: expected a str with a {{prompt}} field")
 
 
 def check_sample(c, world):
     """The settings of sample.py (c: its config) that need no model, checked before anything slow
     (the sampling values and drafts, which the checkpoint completes, are checked next to it)."""
     for s in ([c["scenario"]] if c["scenario"] == "all" else c["scenario"].split(",")):
-        one_of("scenario", s.strip(), ("all", "ar", "tf", "block", "block_tf", "adaptive",
-                                       "lossless"))
+        one_of("scenario", s.strip(), ("all",) + SCENARIOS)
     for key, low in (("num_samples", 0), ("max_new_tokens", 1), ("batch_size", 1),
                      ("block_size", 0), ("samples_per_prompt", 1), ("tensor_parallel", 1)):
         at_least(key, c[key], low)
     between("threshold", c["threshold"], 0.0, 1.0)
     one_of("dtype", c["dtype"], ("float32", "bfloat16"))
+    given = any(a.startswith("--prompt=") for a in sys.argv[1:])  # '' is also the default: none
+    if (given or c["prompt"]) and not str(c["prompt"]).strip():
+        raise UserError(f"prompt={c['prompt']!r} is empty: give the text to decode, or leave "
+                        "--prompt out to decode the rows of data_files")
     one_of("color", c["color"], (None, True, False))
     if c["chat_template_kwargs"] is not None and not isinstance(c["chat_template_kwargs"], dict):
         raise UserError(f"chat_template_kwargs={c['chat_template_kwargs']!r}: expected a dict of "
                         "template options, e.g. \"{'enable_thinking': True}\"")
-    if c["prompt_format"] is not None and "{prompt}" not in str(c["prompt_format"]):
-        raise UserError(f"prompt_format={c['prompt_format']!r}: expected a str with a {{prompt}} "
-                        "field")
+    check_prompt_format(c["prompt_format"])
     try:
         groups = re.compile(c["answer_regex"]).groups
     except re.error as e:

@@ -50,43 +50,41 @@ def make_mask_mod(doc_ids, position_ids, limit, is_mask, queries=None):
     return mask_mod
 
 
-def _mod(batch, num_queries=None):
-    """The batch's mask_mod; with num_queries, the queries are the last num_queries keys."""
-    d, p, lim, m = batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"]
-    if num_queries is None:
-        return make_mask_mod(d, p, lim, m)
-    L = d.shape[1]
-    slot = torch.arange(L - num_queries, L, device=d.device).expand(d.shape[0], -1)
-    tail = slice(L - num_queries, L)
-    return make_mask_mod(d, p, lim, m, (d[:, tail], p[:, tail], lim[:, tail], m[:, tail], slot))
+def _mod(batch):
+    return make_mask_mod(batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"])
 
 
-def dense_mask(batch, num_queries=None, queries=None):
-    """Bool [batch, 1, Q, L], True where the query may attend. Q = L, the last num_queries tokens,
-    or the decoding step's queries (see make_mask_mod)."""
+def dense_mask(batch, queries=None):
+    """Bool [batch, 1, Q, L], True where the query may attend. Q = L (training: a row attends to
+    itself), or the decoding step's queries (see make_mask_mod)."""
     b, L = batch["doc_ids"].shape
     device = batch["doc_ids"].device
     if queries is not None:
         keys = batch["doc_ids"], batch["position_ids"], batch["limit"], batch["is_mask"]
         mod, Q = make_mask_mod(*keys, queries), queries[0].shape[1]
     else:
-        mod, Q = _mod(batch, num_queries), L if num_queries is None else num_queries
+        mod, Q = _mod(batch), L
     idx_b = torch.arange(b, device=device)[:, None, None, None]
     idx_q = torch.arange(Q, device=device)[None, None, :, None]
     idx_k = torch.arange(L, device=device)[None, None, None, :]
     return mod(idx_b, None, idx_q, idx_k)
 
 
-def block_mask(batch, num_queries=None):
+def block_mask(batch):
     """The same rule as a FlexAttention BlockMask (one per batch; heads share it), on the batch's
     device."""
     if create_block_mask is None:
         raise RuntimeError("this torch has no FlexAttention; use attention='sdpa'")
     b, L = batch["doc_ids"].shape
-    Q = L if num_queries is None else num_queries
     device = batch["doc_ids"].device
-    return create_block_mask(_mod(batch, num_queries), B=b, H=None, Q_LEN=Q, KV_LEN=L,
-                             device=device, _compile=device.type == "cuda")
+    return create_block_mask(_mod(batch), B=b, H=None, Q_LEN=L, KV_LEN=L, device=device,
+                             _compile=device.type == "cuda")
+
+
+def row_multiple(attention):
+    """What a training row's length is rounded up to: FlexAttention's block of 128 (few shapes to
+    compile, whole tiles), else 8."""
+    return 128 if attention == "flex_attention" else 8
 
 
 def draw(batch, names, row=0):

@@ -74,7 +74,7 @@ class Metrics:
                 + block("tokens_per_forward", "gauge", "generation_tokens_total / forwards_total.",
                         [("", f"{tpf:.4f}")])
                 + block("steps_total", "counter", "Lossless steps per draft shape (k drafts, m "
-                        "masks per group).", [(f'{{shape="{s}"}}', n)
+                        "masks per group; k,m,2: two groups).", [(f'{{shape="{s}"}}', n)
                                               for s, n in sorted(self.shapes.items())])
                 + block("finished_total", "counter", "Finished answers per finish reason.",
                         [(f'{{reason="{r}"}}', n) for r, n in sorted(self.finishes.items())])

@@ -24,6 +24,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 from transformers.utils import logging as hf_logging
 
 from common import all_sum, all_true, to_device
@@ -62,12 +64,34 @@ def init_mask_row(model, mask_id):
 
 def from_pretrained(folder, attention="sdpa"):
     """AutoModelForCausalLM.from_pretrained in fp32, or one line saying why it cannot load (no
-    weights, damaged weights, an unknown model type)."""
+    weights, damaged weights, an unknown model type, an encoder, output weights missing: a head
+    transformers would initialise at random, with a warning only)."""
+    load_config(folder)  # an encoder: its line before the weights load
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing weights: said below in one line
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention,
-                                                    dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation=attention, dtype=torch.float32, output_loading_info=True)
     except Exception as e:  # safetensors' own error class included: the reason, in one line
         raise UserError(f"{folder}: cannot load the model ({first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # a tied head is no missing key: it is the embedding
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{folder}: {len(missing)} weights of a {type(model).__name__} are not in "
+                        f"its files ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                        "): not a causal LM's checkpoint, or an incomplete one")
+    return model
+
+
+def check_causal(config, folder):
+    """One line for a model AutoModelForCausalLM would load with attention that sees the future:
+    an encoder (BERT, RoBERTa, ...) with a language-model head, not configured as a decoder."""
+    encoders = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if config.model_type in encoders and not getattr(config, "is_decoder", False):
+        raise UserError(f"{folder} is a {config.model_type!r} model, an encoder: its attention is "
+                        "not causal (is_decoder is false); next-block SFT needs a causal LM such as "
+                        "Qwen, Llama or GPT-2")
 
 
 def load_config(init_from, demo_overrides=None):
@@ -75,9 +99,11 @@ def load_config(init_from, demo_overrides=None):
     if init_from == "demo":
         return demo_config(**(demo_overrides or {}))
     try:
-        return AutoConfig.from_pretrained(init_from)
+        config = AutoConfig.from_pretrained(init_from)
     except Exception as e:  # an unknown model type, a damaged config.json: the reason, in one line
         raise UserError(f"{init_from}: cannot read its config.json ({first_line(e)})") from None
+    check_causal(config, init_from)
+    return config
 
 
 def load_model(init_from, mask_id, new_mask, device="cpu", attention="auto", demo_overrides=None):
@@ -115,7 +141,7 @@ def _ce_chunk(hidden, weight, labels):
     return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
-def forward_losses(model, batch, chunk_tokens=None):
+def forward_losses(model, batch):
     """Run the model on a collated batch; return (per-token loss, argmax, is_mask) at the supervised
     positions.
 
@@ -141,7 +167,7 @@ def forward_losses(model, batch, chunk_tokens=None):
     supervised = batch["labels"] != -100
     hidden, labels = captured["hidden"][supervised], batch["labels"][supervised]
     weight = lm_head.weight
-    chunk = chunk_tokens or max(256, (2**27 if weight.is_cuda else 2**24) // weight.shape[0])
+    chunk = max(256, (2**27 if weight.is_cuda else 2**24) // weight.shape[0])
     losses, preds = [], []
     for i in range(0, len(labels), chunk):
         args = (hidden[i:i + chunk], weight, labels[i:i + chunk])

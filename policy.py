@@ -3,7 +3,7 @@ How many drafts a lossless step verifies (drafts='auto'): a price per step shape
 device, weighed against the acceptance measured as decoding goes. sample.py's Decoder asks
 `best(rows)` before each step, reports the step's time with `observe`, and scores every draft
 against the tokens finally written with `score`; it calibrates a batch size the first time one
-appears (`calibrated`, then `forward[batch size] = seconds per k`).
+appears (`calibrated`, then `calibrate`).
 """
 
 import time
@@ -15,30 +15,38 @@ import torch
 from cache import feed_uniform
 
 
-def queries(k, m):
-    """Queries per row of a lossless step with k drafts and m masks per group."""
-    return 1 + k + (k + 1) * m
+def queries(k, m, g=None):
+    """Queries per row of a lossless step with k drafts and g groups of m masks (g: k + 1, a group
+    after each possible acceptance, or 2: after none and after all; see cache.step_shape)."""
+    return 1 + k + (k + 1 if g is None else g) * m
 
 
 class DraftPolicy:
     """The k of each lossless step (all rows alike; m = k masks per group, so that the next step
-    has k drafts), chosen to maximise expected tokens per second. Expected tokens = 1 + sum_j
-    prod_{i<=j} a_i, with a_i the measured rate at which draft i is right given the ones before it
-    (every draft is scored against the tokens finally written, verified or not). Seconds, per batch
-    size (rows rounded up to a power of two) and k: the measured time of such steps, a moving
-    average; a k not yet measured is priced by a calibration (a forward of each k, timed on the
-    device when a batch larger than any calibrated appears; smaller ones are read off a line
-    through it) times what real steps have cost over theirs (caches grow, a step does more than its
-    forward). Every 32 steps of a batch size, two steps take another k in turn, so that a price
-    left behind by a growing cache, a changing load or a poor calibration is measured again."""
+    has k drafts), chosen to maximise expected tokens per second.
+
+    Tokens: 1 + sum_j prod_{i<=j} a_i, with a_i the measured rate at which draft i is right given
+    the ones before it (every draft is scored against the tokens finally written, verified or not).
+    Seconds: per batch size (rows rounded up to a power of two), a line seconds = base + slope x
+    queries, fitted by least squares through the measured time of each step shape (a moving
+    average per shape, weighted by how often it was measured, one step moving it at most 2x) and,
+    until two shapes are measured, the calibration (a forward of k = 0, 1 and B - 1 with two
+    groups, timed on the device when a batch larger than any calibrated appears, times what
+    measured steps cost over their forwards; smaller batches start from the next larger one's
+    line, per query scaled by rows). One line through every shape keeps a price left behind by
+    a noisy moment from deciding alone. Each k takes k + 1 groups or two (`groups`). Every
+    32 steps of a batch size, two steps take a neighbouring k (best + 1, best - 1 in turn) so that
+    the line stays true where decisions are made; every 256 steps only when the neighbour is far
+    behind (it would cost more than it tells: at a large batch on a CPU only ar steps pay). Every
+    128 steps one is an ar step: the price every draft count is weighed against, measured, not
+    drawn from a line through large shapes."""
 
     def __init__(self, D):
         self.D, self.right, self.tried = D, [0] * D, [0] * D
-        self.forward = {}  # batch size -> [seconds of a forward with k drafts, k = 0..D]
-        self.steps = {}  # (batch size, k) -> seconds of a whole step, measured
-        self.factor = {}  # batch size -> seconds of a step / seconds of its forward, measured
-        self.last_factor = 1.0  # the latest of them: for a batch size not yet measured
+        self.forward = {}  # batch size -> {queries: seconds of a calibration forward}
+        self.steps = {}  # batch size -> {queries: [moving average of a step's seconds, count]}
         self.taken = Counter()  # steps chosen per batch size
+        self.far = {}  # batch size -> (queries, seconds) of the largest shape its line is drawn from
 
     @staticmethod
     def size(n):
@@ -47,53 +55,102 @@ class DraftPolicy:
     def rate(self, i):
         return (self.right[i] + 1) / (self.tried[i] + 2)
 
-    def expected(self, k):
+    def expected(self, k, g=None):
+        """Tokens a step of k drafts writes, on average, per step it costs. With two groups
+        (g = 2) a step that accepts some drafts but not all leaves no drafts for the next one,
+        which then writes one token (its drafts are fillers) and drafts again from its first
+        group: that step counts too."""
         tokens, p = 1.0, 1.0
         for i in range(k):
             p *= self.rate(i)
             tokens += p
-        return tokens
+        if g is None or g == k + 1:
+            return tokens
+        between = max(self.rate(0) - p, 0.0)  # P(0 < accepted < k)
+        return (tokens + between) / (1 + between)
+
+    def price(self, b, q, line=None):
+        """Seconds of a step of q queries per row at batch size b: on the line, and past the largest
+        shape the line is drawn from no less than that shape's time scaled by queries (a line
+        through small shapes can be near flat where compute binds at large ones)."""
+        base, slope = line or self.line(b)
+        far_q, far_t = self.far.get(b, (0, 0.0))
+        return max(base + slope * q, far_t * q / far_q) if q > far_q > 0 else base + slope * q
+
+    def groups(self, n, k, line=None):
+        """How many groups of masks a step of n rows with k drafts places: k + 1, or 2 where the
+        queries saved pay for the steps that find no drafts (a large block, a compute-bound
+        device). line: this batch size's (base, slope), when known."""
+        if k < 2:
+            return k + 1
+        b = self.size(n)
+        line = line or self.line(b)
+        two, every = (self.expected(k, g) / self.price(b, queries(k, k, g), line)
+                      for g in (2, k + 1))
+        return 2 if two > every else k + 1
 
     def calibrated(self, n):
         """Whether steps of n rows have prices: a batch size this large or larger calibrated."""
         return any(b >= self.size(n) for b in self.forward)
 
-    def forward_seconds(self, n, k):
-        """A forward of n rows with k drafts: calibrated at its batch size, or read off a line
-        (seconds = base + slope x queries) through the next larger batch size calibrated."""
-        b = self.size(n)
-        if b in self.forward:
-            return self.forward[b][k]
-        above = min(c for c in self.forward if c > b)
-        xs = [above * queries(j, j) for j in range(self.D + 1)]
-        ys = self.forward[above]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) /
-                    max(sum((x - mx) ** 2 for x in xs), 1e-12), 0.0)
-        return max(max(my - slope * mx, 0.0) + slope * n * queries(k, k), 1e-9)
+    def line(self, b):
+        """(base, slope) of seconds = base + slope x queries at batch size b."""
+        measured, calibration = self.steps.get(b, {}), self.forward.get(b, {})
+        both = [q for q in calibration if q in measured]  # a step costs more than its forward
+        ratio = sum(measured[q][0] / calibration[q] for q in both) / len(both) if both else 1.0
+        # two measured shapes draw the line: the calibration's slope is the forward's, not a step's
+        points = [] if len(measured) >= 2 else [(q, t * ratio, 1.0) for q, t in calibration.items()
+                                                if q not in measured]
+        points += [(q, t, min(c, 8.0)) for q, (t, c) in measured.items()]
+        if not self.forward.get(b):  # not calibrated here: the next larger one's, scaled
+            above = min((c for c in self.forward if c > b), default=None)
+            if above is not None:
+                base, slope = self.line(above)
+                points += [(q, base + slope * q * b / above, 1.0) for q in
+                           (queries(0, 0), queries(self.D, self.D))]
+        w = sum(p[2] for p in points)
+        if not w:
+            return 1.0, 0.0
+        self.far[b] = max(points)[:2]
+        mx, my = (sum(p[i] * p[2] for p in points) / w for i in (0, 1))
+        var = sum(p[2] * (p[0] - mx) ** 2 for p in points)
+        slope = max(sum(p[2] * (p[0] - mx) * (p[1] - my) for p in points) / var, 0.0) \
+            if var > 0 else 0.0
+        return max(my - slope * mx, 1e-9), slope
 
-    def seconds(self, n, k):
-        b = self.size(n)
-        factor = self.factor.get(b, self.last_factor)
-        return self.steps.get((b, k)) or self.forward_seconds(n, k) * factor
+    def seconds(self, n, k, m=None, g=None):
+        return self.price(self.size(n), queries(k, k if m is None else m, g))
 
     def best(self, n):
-        best = max(range(self.D + 1), key=lambda k: (self.expected(k) / self.seconds(n, k), -k))
-        self.taken[self.size(n)] += 1
-        t = self.taken[self.size(n)]
-        if self.D and t % 32 >= 30:  # two steps: the first drafts, the second is measured
-            others = [k for k in range(self.D + 1) if k != best]
-            return others[t // 32 % len(others)]
-        return best
-
-    def observe(self, n, k, seconds):
-        """A step of n rows with k drafts took `seconds`, everything included."""
-        def average(old, new):
-            return new if old is None else 0.7 * old + 0.3 * new
+        """The k of the next step of n rows (its groups: `groups`)."""
         b = self.size(n)
-        self.steps[b, k] = average(self.steps.get((b, k)), seconds)
-        self.factor[b] = self.last_factor = average(self.factor.get(b),
-                                                    seconds / self.forward_seconds(n, k))
+        line = self.line(b)  # once: a least-squares fit
+        speed = []
+        for k in range(self.D + 1):
+            g = self.groups(n, k, line)
+            speed.append(self.expected(k, g) / self.price(b, queries(k, k, g), line))
+        best = max(range(self.D + 1), key=lambda k: (speed[k], -k))
+        self.taken[b] += 1
+        t = self.taken[b]
+        if best > 1 and t % 128 == 127:  # an ar step keeps the price drafts are weighed against
+            return 0
+        near = [k for k in (best + 1, best - 1) if 0 <= k <= self.D]
+        if not near:
+            return best
+        other = near[t // 32 % len(near)]
+        period = 32 if speed[other] >= 0.8 * speed[best] else 256
+        return other if t % period >= period - 2 else best  # two steps: drafts, then measured
+
+    def observe(self, n, k, m, seconds, g=None):
+        """A step of n rows with k drafts and g groups of m masks took `seconds`, all included."""
+        shapes = self.steps.setdefault(self.size(n), {})
+        q = queries(k, m, g)
+        old = shapes.get(q)
+        if old is None:
+            shapes[q] = [seconds, 1]
+        else:  # one step of a noisy moment (a page fault, another process) moves it at most 2x
+            seconds = min(max(seconds, old[0] / 2), 2 * old[0])
+            shapes[q] = [0.7 * old[0] + 0.3 * seconds, old[1] + 1]
 
     def score(self, drafts, written):
         """Count how many of drafts (the tokens after some position) agree with the tokens
@@ -119,19 +176,25 @@ def draft_policy(model, D, compiled, kind):
 
 
 def calibrate(policy, f, slots, lengths, mask_id, shape):
-    """Time a forward of each k on the rows at cache slots `slots` with `lengths` cached tokens
-    (the best of three after a warm-up run, which also compiles it): the policy's prices at this
-    batch size. f: the decoder's Forward; shape(k, m): a step shape. These forwards write nothing
-    that counts: every slot they fill lies past its row's length, overwritten by its next step."""
+    """Time a forward of k = 0, 1 and D drafts (two groups; also every group where n rows of it
+    are at most 4096 queries) on the rows at cache slots `slots` with `lengths`
+    cached tokens (the best of two after a warm-up run, which also compiles it): the first points
+    of the policy's line at this batch size. f: the decoder's Forward; shape(k, m, g): a step shape.
+    These forwards write nothing that counts: every slot they fill lies past its row's length,
+    overwritten by its next step."""
     n, dev = len(slots), f.cache.slots.device
     at, cached = torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev)
-    seconds = []
-    for k in range(policy.D + 1):
-        tokens = torch.full((n, queries(k, k)), mask_id, device=dev)
+    points = {}
+    D = policy.D
+    shapes = {(0, 1), (min(1, D), min(2, D + 1)), (D, min(2, D + 1))}  # k, groups
+    if n * queries(D, D) <= 4096:  # every group too, where it costs no more than a long prefill
+        shapes.add((D, D + 1))
+    for k, g in sorted(shapes):
+        tokens = torch.full((n, queries(k, k, g)), mask_id, device=dev)
         times = []
-        for _ in range(4):  # a warm-up (and compilation), then the best of three
+        for _ in range(3):  # a warm-up (and compilation), then the best of two
             t0 = time.perf_counter()
-            feed_uniform(f, at, cached, max(lengths), tokens, shape(k, k))[0, 0, 0].item()
+            feed_uniform(f, at, cached, max(lengths), tokens, shape(k, k, g))[0, 0, 0].item()
             times.append(time.perf_counter() - t0)
-        seconds.append(min(times[1:]))
-    policy.forward[policy.size(n)] = seconds
+        points[queries(k, k, g)] = min(times[1:])
+    policy.forward[policy.size(n)] = points

@@ -27,30 +27,28 @@ drives the same Decoder from its request queue.
 """
 
 # configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
-from configurator import UserError, at_least, check_sample, configure, one_of
+from configurator import SCENARIOS, UserError, at_least, check_sample, configure, one_of
 import json
-import os
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 import chat
 import data
+import formats
 import grade
 from checkpoint import find_hf_folder, load_for_decoding
 from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, device_mesh,
-                    dist_info, print0, resolve_device, to_device)
+                    dist_info, print0, resolve_device, text_table, to_device)
 from cache import Forward, RowCache, clean, compiled_forward, feed, feed_uniform, masks, \
     model_forward, step_shape
 from mask import dense_mask
-from model import block_metrics, load_config, summarize_metrics, tp_plan
+from model import block_metrics, load_config, set_gate, summarize_metrics, tp_plan
 from policy import calibrate, draft_policy
 from sampling import (GREEDY, Sampling, check_sampling, choose_rows, generation_defaults,
                       never_written, sampling_from, stop_ids)
@@ -98,7 +96,6 @@ dtype = "float32"                # 'float32' (lossless == ar exactly) or 'bfloat
 tensor_parallel = 1              # under torchrun: ranks sharding the model (TP); each group of them
 #                                  decodes its share of the answers
 # -------------------------------------------------------------------------------------------------
-SCENARIOS = ("ar", "tf", "block", "block_tf", "adaptive", "lossless")
 MODES = ("ar", "block", "adaptive", "lossless")
 
 
@@ -221,10 +218,11 @@ class Decoder:
         dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
         return int(choice.item())
 
-    def shape(self, k, m):
-        if (k, m) not in self.shapes:
-            self.shapes[k, m] = step_shape(k, m, self.device)
-        return self.shapes[k, m]
+    def shape(self, k, m, g=None):
+        g = k + 1 if g is None else g
+        if (k, m, g) not in self.shapes:
+            self.shapes[k, m, g] = step_shape(k, m, self.device, g)
+        return self.shapes[k, m, g]
 
     def choose(self, rows, logits, positions, seeds, with_prob=False):
         settings = [r.sampling if r is not None else GREEDY for r in rows]
@@ -243,11 +241,12 @@ class Decoder:
             row.trace.append((kept, logits[:len(kept)]))
         return kept
 
-    def new_drafts(self, row, drafts):
+    def new_drafts(self, row, drafts, scored=True):
         row.drafts = drafts
-        if self.policy is None:
+        if self.policy is None or not (drafts or row.scoring):  # an ar step: nothing to score
             return
-        row.scoring.append((len(row.out), drafts))
+        if scored and drafts:  # fillers say nothing about the model's drafts
+            row.scoring.append((len(row.out), drafts))
         waiting = []  # score the drafts whose tokens are written (or never will be: it is done)
         for at, ds in row.scoring:
             if row.done or len(row.out) >= at + len(ds):
@@ -305,23 +304,27 @@ class Decoder:
         elif self.mode == "lossless":
             m = self.drafts
         k = min(m, min(len(r.drafts) for r in busy))
-        n, dev, seen = len(fed.rows), self.device, (k, m) in self.shapes
+        g = self.policy.groups(len(fed.rows), k) if self.policy is not None else k + 1
+        n, dev, seen = len(fed.rows), self.device, (k, m, g) in self.shapes
         at = self.every if n == len(self.slots) else torch.tensor(fed.slots, device=dev)
         length, seeds = self.length[at], self.seed[at]
-        group_masks = length.new_full((n, (k + 1) * m), self.mask_id if m else 0)
+        group_masks = length.new_full((n, g * m), self.mask_id if m else 0)
         tokens = torch.cat([self.last[at, None], self.draft[at, :k], group_masks], 1)
-        logits = feed_uniform(self.f, at, length, max(fed.lengths), tokens, self.shape(k, m))
+        logits = feed_uniform(self.f, at, length, max(fed.lengths), tokens, self.shape(k, m, g))
         pos = length[:, None] + 1 + torch.arange(k + 1, device=dev)
         verified = self.choose(fed.rows, logits[:, :k + 1], pos, seeds)
         accepted = (tokens[:, 1:k + 1] == verified[:, :k]).long().cumprod(1).sum(1)
         bonus = verified.gather(1, accepted[:, None])
         self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
         out = [verified, accepted[:, None]]
-        if m:  # the next drafts: those of the group after the last accepted token
-            groups = logits[:, k + 1:].unflatten(1, (k + 1, m))[torch.arange(n, device=dev),
-                                                                 accepted]
+        if m:  # the next drafts: those of the group after the last accepted token, or fillers
+            # (never right: the mask token) where two groups have none (a partial acceptance)
+            group = accepted if g == k + 1 else torch.where(accepted == k, 1, 0)
+            drafted = (accepted == 0) | (accepted == k) | (g == k + 1)
+            groups = logits[:, k + 1:].unflatten(1, (g, m))[torch.arange(n, device=dev), group]
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
-            out.append(self.choose(fed.rows, groups, gpos, seeds))
+            drafts = self.choose(fed.rows, groups, gpos, seeds)
+            out += [drafted[:, None].long(), torch.where(drafted[:, None], drafts, self.mask_id)]
             self.draft[at, :m] = out[-1]
         host = torch.cat(out, 1).tolist()
         for row, ok, lg, h in zip(fed.rows, fed.live, logits, host):
@@ -329,14 +332,15 @@ class Decoder:
                 continue
             a = h[k + 1]
             row.forwards += 1
-            row.shapes[f"{k},{m}"] += 1
+            row.shapes[f"{k},{m}" + (f",{g}" if g != k + 1 else "")] += 1
             row.length += 1 + a  # pending and the accepted drafts are cached; the bonus is pending
             self.accept(row, row.drafts[:a] + [h[a]], lg[:a + 1])
             row.pending = [h[a]]
             if self.mode == "lossless":
-                self.new_drafts(row, h[k + 2:])
-        if self.policy is not None and k == m and seen:  # a steady step, as decoding pays for it
-            self.policy.observe(n, m, time.perf_counter() - t0)
+                self.new_drafts(row, h[k + 3:], scored=bool(h[k + 2])) if m else \
+                    self.new_drafts(row, [])
+        if self.policy is not None and seen:  # compiled and warm: as decoding pays for it
+            self.policy.observe(n, k, m, time.perf_counter() - t0, g)
 
     def block_step(self):
         """block and adaptive: [pending][B-1 masks] after each row's cached tokens."""
@@ -472,8 +476,10 @@ def teacher_forced(model, ids, spans, block_size, mask_token_id):
     ex = data.build_example(ids, spans, block_size, mask_token_id if mask_token_id is not None
                             else -1)
     batch = to_device(data.collate([ex], len(ex["input_ids"])), next(model.parameters()).device)
+    set_gate(model, batch["is_mask"])  # a gated adapter (lora.py) acts on the masks
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    attention_mask=dense_mask(batch)).logits
+    set_gate(model, None)
     return block_metrics(logits.argmax(-1).cpu(), {k: v.cpu() for k, v in batch.items()},
                          block_size)
 
@@ -557,15 +563,6 @@ def show(tokenizer, trace, use_color, verbose):
     return "".join(pieces) if use_color else " | ".join(pieces)
 
 
-def table(rows):
-    """Rows of dicts -> aligned text."""
-    cols = list(rows[0])
-    cells = [cols] + [[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-                      for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
-
-
 def summary_row(name, sizes, wall):
     """One line of the summary table: sizes, (tokens, forwards) per answer of every rank."""
     tokens, forwards = sum(t for t, _ in sizes), sum(f for _, f in sizes)
@@ -591,24 +588,6 @@ def training_rows(prompts, answers, k, opened):
     return [{"prompt": prompts[j // k].messages, "tools": prompts[j // k].tools,
              "target": [{"role": "assistant", "content": opened + a.raw}]}
             for j, a in sorted(answers.items()) if a.finished]
-
-
-def write_rows(rows, parquet_path, jsonl_path):
-    """The rows as a prompt/target parquet for train.py, and as JSON lines in the OpenAI
-    `messages` shape for other tools; each written to a .tmp file first, then renamed."""
-    if parquet_path:
-        table_ = pa.Table.from_pylist([{"prompt": r["prompt"], "target": r["target"]}
-                                       for r in rows])
-        pq.write_table(table_, parquet_path + ".tmp")
-        os.replace(parquet_path + ".tmp", parquet_path)
-    if jsonl_path:
-        with open(jsonl_path + ".tmp", "w") as f:
-            for r in rows:
-                line = {"messages": r["prompt"] + r["target"]}
-                if r["tools"]:
-                    line["tools"] = r["tools"]
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(jsonl_path + ".tmp", jsonl_path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -697,7 +676,7 @@ if __name__ == "__main__":
             row["same_as_ar"] = f"{same}/{len(outputs['ar'])}"
     columns = ["scenario", "samples", "tokens", "forwards", "tokens/forward", "wall_s", "tokens/s",
                "speedup", "accuracy", *([f"maj@{k}", f"pass@{k}"] if k > 1 else []), "same_as_ar"]
-    print0("\n" + table([{c: r.get(c, "") for c in columns} for r in summary.values()]))
+    print0("\n" + text_table([{c: r.get(c, "") for c in columns} for r in summary.values()]))
     if summary_json and rank == 0:
         with open(summary_json, "w") as f:
             json.dump({"checkpoint": path, "block_size": B, "batch_size": batch_size,
@@ -707,7 +686,7 @@ if __name__ == "__main__":
         name = next((s for s in ("lossless", "ar") if s in outputs), next(iter(outputs)))
         opened = conversation.generation[len(conversation.header):]
         rows = training_rows(prompts, outputs[name], k, opened)
-        write_rows(rows, write_parquet, write_jsonl)
+        formats.write_rows(rows, write_parquet, write_jsonl)
         print0(f"wrote {len(rows)} rows to {' and '.join(p for p in (write_parquet, write_jsonl) if p)}"
                f" (the {name} answers; {len(outputs[name]) - len(rows)} that hit max_new_tokens "
                "left out)")

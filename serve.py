@@ -44,6 +44,7 @@ from api import (UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, Event, G
 from checkpoint import find_hf_folder, load_for_decoding
 from common import ceil_to, resolve_device
 from metrics import Metrics
+from model import load_config
 from policy import draft_policy
 from sample import Decoder, Row, check_drafts, model_block, step_width
 from sampling import generation_defaults, never_written, sampling_from, stop_ids
@@ -209,13 +210,14 @@ class Engine:
             pass
 
     def fail(self, mode, joining, message):
-        for r in [r for r in self.decoders[mode].slots if r is not None] + joining:
+        rows = [r for r in self.decoders[mode].slots if r is not None] + joining
+        self.decoders[mode] = self.fresh(mode)  # before the answers: a retry finds a fresh cache
+        for r in rows:
             r.finish = r.finish or "error"
             self.post(r.key[0], Event(r.key[1], [], "error", message))
             self.sent.pop(r, None)
             self.seen.pop(r, None)
         self.metrics.engine_errors += 1
-        self.decoders[mode] = self.fresh(mode)
 
     def drain(self):
         with self.lock:
@@ -519,6 +521,9 @@ if __name__ == "__main__":
     drafts = check_serve(config)
     dev = resolve_device(device)
     path = find_hf_folder(ckpt or out_dir)
+    if mode == "lossless" and getattr(load_config(path), "mask_token_id", None) is None:
+        raise UserError(f"{path} has no mask token: not trained by train.py, so it can only be "
+                        "served with --mode=ar")
     try:
         listener = socket.create_server((host, port))
     except OSError as e:

@@ -2,7 +2,7 @@
 store.py: the data files, tokenized once into a memory-mapped store (docs/design.md, "The data
 path").
 
-  expand_files   a path, a glob or a list of them -> the files
+  expand_files   a path, a glob, a save_to_disk folder or a list of them -> the files (formats.py)
   Store          encoded samples as flat arrays (token ids, offsets, learned spans), memory-mapped
   load_store     the store of some files: found in the cache by a key over everything that decides
                  the tokens and verified, or built once (worker processes, the tokenizer's batched
@@ -13,7 +13,6 @@ size and crc32 are recorded when it is built and checked by the building rank be
 on it.
 """
 
-import glob
 import hashlib
 import inspect
 import json
@@ -22,35 +21,19 @@ import os
 import shutil
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
+from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import chat
+import formats
 from common import Progress, file_crc32
 from configurator import UserError, first_line
+from formats import expand_files
 
 FILES = ("ids.bin", "offsets.npy", "spans.npy", "span_offsets.npy", "source.npy")
 VERSION = 2  # of the store's format: part of the key
-
-
-def expand_files(files):
-    """A path, a glob, or a list of them -> a sorted list of existing files."""
-    patterns = [files] if isinstance(files, str) else list(files or [])
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"no parquet file matches {pattern!r}")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise UserError(f"data file {path!r} not found")
-        paths += matches
-    if not paths:
-        raise UserError("no data files given")
-    return paths
 
 
 class Store:
@@ -134,10 +117,13 @@ class Store:
         return out
 
     def where(self, i):
-        """"file row N" of sample i, or "sample i" for a store made in memory."""
+        """"file row N" ("file line N" for JSON lines) of sample i, or "sample i" for a store made
+        in memory."""
         if self.source is None or not self.info.get("files"):
             return f"sample {i}"
-        return f"{self.info['files'][self.source[i][0]]} row {self.source[i][1]}"
+        file, row = self.source[i]
+        unit = self.info.get("units", ["row"] * len(self.info["files"]))[file]
+        return f"{self.info['files'][file]} {unit} {row}"
 
     # the lengths the layout and the token budget need, without reading a token
     def clean_lengths(self):
@@ -188,8 +174,8 @@ def file_checksum(path, cache):
 
 def store_key(paths, conversation, keys, cache_dir):
     """A hash of everything that decides the tokens: the data files' contents, the tokenizer and its
-    chat template, the template options and prompt_format, the column keys, and chat.py's rules
-    themselves."""
+    chat template, the template options and prompt_format, the column keys and data_format, and
+    the rules themselves (chat.py's and formats.py's source)."""
     crc_file = os.path.join(cache_dir, "checksums.json")
     try:
         with open(crc_file) as f:
@@ -204,11 +190,11 @@ def store_key(paths, conversation, keys, cache_dir):
         os.replace(tmp, crc_file)
     except OSError:
         pass
+    rules = inspect.getsource(chat) + inspect.getsource(formats)  # how rows become tokens
     what = {"files": files, "tokenizer": tokenizer_fingerprint(conversation.tok),
             "options": conversation.options, "prompt_format": conversation.prompt_format,
             "special_text": conversation.special_text, "keys": keys,
-            "rules": hashlib.sha256(inspect.getsource(chat).encode()).hexdigest(),
-            "version": VERSION}
+            "rules": hashlib.sha256(rules.encode()).hexdigest(), "version": VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -218,49 +204,66 @@ def store_key(paths, conversation, keys, cache_dir):
 _WORKER = {}
 
 
-def _encode_chunk(task):
-    """A worker's share: (rows of one parquet batch) -> flat arrays, notes and template errors."""
-    conversation, keys, require_target = _WORKER["chat"], _WORKER["keys"], _WORKER["require_target"]
-    path, row0, table = task
-    rows = chat.rows_of_table(table, path, row0, *keys, require_target=require_target)
-    results = conversation.encode_many([(m, first, tools) for m, first, tools, _ in rows])
+class Encoded(NamedTuple):
+    """A worker's share (one chunk of a file), as flat arrays and counts."""
+    file: int  # the file's index in the store's files
+    layout: str  # the chunk's layout (formats.Chunk): JSON lines are numbered by line
+    ids: np.ndarray  # every sample's token ids, concatenated
+    lengths: list  # each sample's length
+    spans: list  # every learned span, sample by sample
+    counts: list  # each sample's number of spans
+    notes: list  # (note, where) of every row's notes
+    errors: list  # (where, message) of rows the template refused
+    rows: int  # the rows read (the malformed ones included)
+    bad: list  # the error line of each malformed row skipped (skip_bad_rows)
+    source: list  # (file, row) of each sample
+
+
+def _encode_chunk(chunk):
+    """A worker's share: a formats.Chunk -> Encoded."""
+    conversation, spec, skip = _WORKER["chat"], _WORKER["spec"], _WORKER["skip"]
+    read = formats.rows_of_chunk(chunk, spec, skip)
+    results = conversation.encode_many([(r.messages, r.first, r.tools) for r in read.rows])
+    file = _WORKER["paths"].index(chunk.path)
     ids, lengths, spans, counts, notes, errors, source = [], [], [], [], [], [], []
-    for row, ((_, _, _, where), result) in enumerate(zip(rows, results), row0):
+    for row, number, result in zip(read.rows, read.numbers, results):
         if isinstance(result, chat.TemplateError):
-            errors.append((where, str(result)))
+            errors.append((row.where, str(result)))
             continue
         sample_ids, sample_spans, row_notes = result
-        notes += [(note, where) for note in sorted(row_notes)]
+        notes += [(note, row.where) for note in sorted(row_notes)]
         if sample_ids is None:  # dropped (special_text='drop')
             continue
         ids.append(np.asarray(sample_ids, dtype=np.uint32))
         lengths.append(len(sample_ids))
         spans += sample_spans
         counts.append(len(sample_spans))
-        source.append((_WORKER["paths"].index(path), row))
+        source.append((file, number))
     flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
-    return flat, lengths, spans, counts, notes, errors, len(rows), source
+    return Encoded(file, chunk.layout, flat, lengths, spans, counts, notes, errors,
+                   len(read.rows) + len(read.bad), read.bad, source)
 
 
-def _tasks(paths, keys, require_target, rows_per_task):
+def _tasks(paths, spec, rows_per_task):
     for path in paths:
-        try:
-            source = pq.ParquetFile(path)
-            chat.check_columns(source.schema_arrow.names, path, *keys[:3],
-                               require_target=require_target)
-            row0 = 0
-            for batch in source.iter_batches(batch_size=rows_per_task):
-                yield path, row0, pa.Table.from_batches([batch])
-                row0 += batch.num_rows
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: cannot read parquet ({first_line(e)})") from None
+        yield from formats.chunks(path, rows_per_task, spec)
+
+
+def _in_order(pool, fn, tasks, window):
+    """fn over tasks in the pool's workers, results in order, with at most `window` tasks read
+    ahead: Pool.imap reads every task (the whole data set) into its queue at once."""
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _count_rows(paths):
-    try:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-    except (pa.ArrowException, OSError):
-        return None  # _tasks says what is wrong with the file
+    counts = [formats.count_rows(p) for p in paths]
+    return None if None in counts else sum(counts)
 
 
 def _no_space(folder, e):
@@ -268,36 +271,44 @@ def _no_space(folder, e):
                      "data files are untouched; free the space or set data_cache)")
 
 
-def build_store(folder, paths, conversation, keys, workers, require_target=True, rows_per_task=256):
+def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False, rows_per_task=256):
     """Encode every row of the files into a store in folder (written as folder.tmp-HOST-PID, renamed
-    when complete). Rows go to worker processes in batches of rows_per_task; each tokenizes its rows
-    in one batched call. Returns the store's info, or raises UserError listing rows the template
-    refused."""
+    when complete). Files are read as they stream (formats.chunks); rows go to worker processes in
+    chunks of rows_per_task, a few chunks ahead; each tokenizes its rows in one batched call.
+    Returns the store's info, or raises UserError: the first malformed row (unless
+    skip_bad_rows: those are counted), or the rows the template refused."""
     t0 = time.time()
     tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     offsets, span_counts = [0], [0]  # cumulative token and span counts per sample
-    span_list, source, errors, notes, first_where, n_rows = [], [], [], Counter(), {}, 0
-    _WORKER.update(chat=conversation, keys=keys, require_target=require_target, paths=paths)
+    span_list, source, errors, notes, first_where, bad = [], [], [], Counter(), {}, []
+    file_rows, units, n_bad = [0] * len(paths), ["row"] * len(paths), 0
+    _WORKER.update(chat=conversation, spec=spec, skip=skip_bad_rows, paths=paths)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     bar = Progress(_count_rows(paths), "tokenizing", "rows")
     try:
-        tasks = _tasks(paths, keys, require_target, rows_per_task)
-        results = pool.imap(_encode_chunk, tasks) if pool else map(_encode_chunk, tasks)
+        tasks = _tasks(paths, spec, rows_per_task)
+        results = (_in_order(pool, _encode_chunk, tasks, 4 * workers) if pool
+                   else map(_encode_chunk, tasks))
         with open(os.path.join(tmp, "ids.bin"), "wb") as out:
-            for ids, lengths, spans, counts, row_notes, row_errors, rows, row_source in results:
-                out.write(ids.tobytes())
+            for part in results:
+                out.write(part.ids.tobytes())
+                lengths, counts = part.lengths, part.counts
                 offsets += (offsets[-1] + np.cumsum(lengths)).tolist() if lengths else []
-                span_list += spans
+                span_list += part.spans
                 span_counts += (span_counts[-1] + np.cumsum(counts)).tolist() if counts else []
-                for note, where in row_notes:
+                for note, where in part.notes:
                     notes[note] += 1
                     first_where.setdefault(note, where)
-                errors += row_errors
-                n_rows += rows
-                source += row_source
-                bar.update(rows, f"{offsets[-1] / max(time.time() - t0, 1e-9) / 1e3:.0f}k tokens/s")
+                errors += part.errors
+                file_rows[part.file] += part.rows
+                units[part.file] = "line" if part.layout == "lines" else "row"
+                n_bad += len(part.bad)
+                bad += part.bad[:3 - len(bad)]
+                source += part.source
+                bar.update(part.rows,
+                           f"{offsets[-1] / max(time.time() - t0, 1e-9) / 1e3:.0f}k tokens/s")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _no_space(folder, e) from None
@@ -308,6 +319,7 @@ def build_store(folder, paths, conversation, keys, workers, require_target=True,
         bar.close()
         if pool:
             pool.terminate()
+    n_rows = sum(file_rows)
     if errors:
         shutil.rmtree(tmp, ignore_errors=True)
         shown = "; ".join(f"{where}: {message}" for where, message in errors[:3])
@@ -322,7 +334,9 @@ def build_store(folder, paths, conversation, keys, workers, require_target=True,
         for name, array in arrays.items():
             np.save(os.path.join(tmp, name), array)
         info = {"samples": len(offsets) - 1, "rows": n_rows, "tokens": int(offsets[-1]),
-                "files": paths, "notes": {k: [v, first_where[k]] for k, v in notes.items()},
+                "files": paths, "file_rows": file_rows, "units": units,
+                "bad_rows": n_bad, "bad": bad,
+                "notes": {k: [v, first_where[k]] for k, v in notes.items()},
                 "build_seconds": time.time() - t0,
                 "sizes": {name: os.path.getsize(os.path.join(tmp, name)) for name in FILES},
                 "crc32": {name: file_crc32(os.path.join(tmp, name)) for name in FILES}}
@@ -358,12 +372,16 @@ def _alive(pid):
 
 
 def load_store(files, conversation, cache_dir, keys=("prompt", "target", "messages", "tools"),
-               workers=0, require_target=True, builder=True, wait=lambda: None):
+               workers=0, require_target=True, builder=True, wait=lambda: None,
+               data_format="auto", skip_bad_rows=False):
     """The store of files: opened from cache_dir/<key>/ when it is there and intact, else built
     there (by the process with builder=True: local rank 0 of each node; the others call wait(), then
     open it). The builder verifies a store it finds (checksums, token ids below the vocabulary) and
-    rebuilds a damaged one. Returns (store, key, built: the seconds it took, or None if found)."""
+    rebuilds a damaged one. keys: (prompt_key, response_key, messages_key, tools_key). A store
+    whose files hold no row, or (without skip_bad_rows) one built skipping malformed rows, is one
+    error line. Returns (store, key, built: the seconds it took, or None if found)."""
     paths = expand_files(files)
+    spec = formats.Spec(*keys, data_format, require_target)
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
@@ -371,7 +389,7 @@ def load_store(files, conversation, cache_dir, keys=("prompt", "target", "messag
     if builder and not os.access(cache_dir, os.W_OK):
         raise UserError(f"data_cache {cache_dir!r} is not writable: set data_cache to a folder you "
                         "can write")
-    key = store_key(paths, conversation, list(keys), cache_dir)
+    key = store_key(paths, conversation, list(keys) + [data_format], cache_dir)
     folder, built, vocab = os.path.join(cache_dir, key), None, len(conversation.tok)
     if builder:
         sweep_builds(cache_dir)
@@ -386,11 +404,18 @@ def load_store(files, conversation, cache_dir, keys=("prompt", "target", "messag
         if built:
             shutil.rmtree(folder, ignore_errors=True)
             workers = workers or len(os.sched_getaffinity(0))
-            built = build_store(folder, paths, conversation, list(keys), workers,
-                                require_target)["build_seconds"]
+            built = build_store(folder, paths, conversation, spec, workers,
+                                skip_bad_rows)["build_seconds"]
     wait()
     try:
-        return Store.open(folder), key, built
+        store = Store.open(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"the data store {folder} cannot be read ({first_line(e)}): delete it and "
                         "start again") from None
+    if store.info.get("bad_rows") and not skip_bad_rows:  # built by a run that skipped them
+        raise UserError(store.info["bad"][0])
+    if not store.info.get("rows"):
+        raise UserError(f"{paths[0]} has no rows" if len(paths) == 1 else
+                        f"none of the {len(paths)} data files has a row ({', '.join(paths[:3])}"
+                        f"{', ...' if len(paths) > 3 else ''})")
+    return store, key, built

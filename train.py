@@ -9,7 +9,8 @@ Next-block SFT of a Hugging Face causal LM: one flat loop, config as module glob
   python train.py config/seed_recipe.py --data_only=True  # tokenize the data before a launch
 
 Re-running the same command resumes from the newest complete checkpoint in out_dir (resume='auto').
-SIGTERM or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C twice: abort).
+SIGTERM, SIGHUP or Ctrl-C: save a checkpoint at the end of the step, then exit 0 (Ctrl-C twice:
+abort).
 """
 # configurator first: from here on a mistake, or a Ctrl-C while torch loads, prints one line
 from configurator import UserError, check_train, configure, first_line
@@ -32,6 +33,7 @@ import lora
 from common import (all_sum, barrier, compute_cleanup, compute_init, device_mesh, dist_info,
                     print0, resolve_dtype, to_device)
 from demo import write_demo_data
+from mask import row_multiple
 from model import (all_finite, attention_backend, clip_grads, decoder_layers, evaluate,
                    flops_per_token, forward_losses, load_config, load_model, parallelize,
                    peak_flops, set_grad_sync, sum_partial_grads, tensor_parallelize, tp_plan)
@@ -53,12 +55,17 @@ wandb_log = False                # log to Weights & Biases (offline without a ne
 wandb_project = "next-block"     # wandb project [trainer.project_name]
 wandb_run_name = ""              # wandb run name; '' = the name of out_dir [experiment_name]
 # data
-train_files = "data/demo/train.parquet"  # parquet path, glob or list [data.train_files]
-val_files = "data/demo/test.parquet"     # parquet for validation; None: no validation
+train_files = "data/demo/train.parquet"  # .parquet, .jsonl, .json (+ .gz, .zst), .arrow, or a
+#                                  datasets save_to_disk folder; a glob or a list [data.train_files]
+val_files = "data/demo/test.parquet"     # the same, for validation; None: no validation
 prompt_key = "prompt"            # prompt column [data.prompt_key]
 response_key = "target"          # response column [data.response_key]
-messages_key = "messages"        # whole-conversation column (instead of prompt/target)
+messages_key = "messages"        # whole-conversation column (else 'conversations' is read)
 tools_key = "tools"              # tool schemas column, handed to the chat template
+data_format = "auto"             # rows: 'auto' (by column), 'prompt_target', 'messages' (OpenAI
+#                                  role/content) or 'sharegpt' (from/value)
+skip_bad_rows = False            # skip malformed rows (counted, saved in checkpoint.json) instead
+#                                  of stopping at the first
 chat_template_kwargs = {}        # options for every chat template render: {"enable_thinking": True}
 prompt_format = None             # 'Question: {prompt}\nAnswer: ' for tokenizers without a template
 special_text = "keep"            # special-token text in messages: 'keep' as text, or 'drop' the row
@@ -108,8 +115,9 @@ config = configure(globals())
 check_train(config, dist_info()[2])  # every value, before anything slow happens
 block_offset = block_offset if block_offset == "random" else int(block_offset)
 demo_overrides = dict(hidden_size=n_embd, num_layers=n_layer, num_heads=n_head)
+model_config = load_config(init_from, demo_overrides)  # not a causal LM: one line, before the data
 if tensor_parallel > 1:  # the model's plan and sizes
-    tp_plan(load_config(init_from, demo_overrides), tensor_parallel)
+    tp_plan(model_config, tensor_parallel)
 
 # this process, and the out_dir it owns
 rank, local_rank, world, device = compute_init(device)
@@ -139,24 +147,49 @@ barrier()
 tokenizer, mask_token_id, new_mask = chat.training_tokenizer(init_from)
 conversation = chat.Chat(tokenizer, chat_template_kwargs, prompt_format, special_text)
 keys, cache = (prompt_key, response_key, messages_key, tools_key), os.path.expanduser(data_cache)
+reading = dict(builder=local_rank == 0, wait=barrier, data_format=data_format,
+               skip_bad_rows=skip_bad_rows)
 train_store, data_key, built = load_store(train_files, conversation, cache, keys, data_workers,
-                                          builder=local_rank == 0, wait=barrier)
-val_store = (load_store(val_files, conversation, cache, keys, data_workers,
-                        builder=local_rank == 0, wait=barrier)[0] if val_files
-             else Store.from_samples([]))
+                                          **reading)
+val_store = (load_store(val_files, conversation, cache, keys, data_workers, **reading)[0]
+             if val_files else Store.from_samples([]))
 if previous and previous.get("data_key") not in (None, data_key):
     raise UserError(f"the training data changed since the checkpoints in {out_dir} were saved (the "
                     "files, the tokenizer, the chat template or its options): resume with the same "
                     "data, or --resume=disable to start over")
 for note, (count, where) in train_store.info.get("notes", {}).items():
     print0(f"note: {count} rows: {chat.NOTES[note]} (first: {where})")
+same_data = val_store.info.get("files") == train_store.info.get("files")  # said once, then
+if "unknown_token" in val_store.info.get("notes", {}) and not same_data:
+    count, where = val_store.info["notes"]["unknown_token"]
+    print0(f"note: {count} rows of val_files: {chat.NOTES['unknown_token']} (first: {where})")
+bad_rows = {"train": train_store.info.get("bad_rows", 0), "val": val_store.info.get("bad_rows", 0)}
+stores = [("train_files", train_store)] + ([] if same_data else [("val_files", val_store)])
+for name, store in stores:
+    if store.info.get("bad_rows"):
+        print0(f"skipped {store.info['bad_rows']} malformed rows of {name} (skip_bad_rows; first: "
+               f"{store.info['bad'][0]})")
+    rows_per_file = zip(store.info.get("files", []), store.info.get("file_rows", []))
+    empty = [f for f, n in rows_per_file if not n]
+    if empty:
+        print0(f"note: {len(empty)} of the {name} files have no rows ({', '.join(empty[:3])})")
+shared = sorted({os.path.realpath(f) for f in train_store.info.get("files", [])} &
+                {os.path.realpath(f) for f in val_store.info.get("files", [])})
+if shared:  # validation on what the model trains on measures memory, not generalization
+    print0(f"warning: val_files and train_files share {len(shared)} file(s) ({shared[0]}"
+           f"{', ...' if len(shared) > 1 else ''}): the validation numbers are on training data")
+if not len(train_store):
+    why = (f"every row was malformed and skipped ({bad_rows['train']} rows; first: "
+           f"{train_store.info['bad'][0]})" if bad_rows["train"] else
+           "every row was dropped (special_text='drop': special-token text in each)")
+    raise UserError(f"no training samples in {train_files!r}: {why}")
 keep, dropped, truncated = data.too_long(train_store, max_length, block_size)
 train_samples = train_store.select(keep)
 val_samples = val_store.select(data.too_long(val_store, max_length, block_size)[0])
 if not len(train_samples):
     raise UserError(f"no training samples left: every prompt in {train_files!r} is longer than "
                     f"max_length={max_length}")
-pad_multiple = 128 if attn_impl == "flex_attention" else 8  # flex: few shapes to compile
+pad_multiple = row_multiple(attn_impl)  # flex: few shapes to compile
 batches = data.Batches(train_samples, batch_size, micro_steps, max_length, block_size,
                        mask_token_id, layout, block_offset, seed, dp_rank, dp,
                        pad_multiple=pad_multiple, pad_id=mask_token_id, batch_tokens=batch_tokens)
@@ -243,7 +276,7 @@ def save(step, metrics):
                         f"{newest()}); lower learning_rate or check the data")
     sidecar = {"run_id": run_id, "world_size": world, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                "data": batches.state_dict(), "data_key": data_key, "wandb_id": wandb_id,
-               "metrics": metrics, "config": config}
+               "metrics": metrics, "config": config, "bad_rows": bad_rows}
     final = checkpoint.save(out_dir, step, model, optimizer, tokenizer, sidecar, ptdtype, device)
     if master:
         checkpoint.prune(out_dir, keep_last)
@@ -301,18 +334,26 @@ else:
 
 
 def request_stop(signum, frame):
-    """SIGTERM (preemption) or a first Ctrl-C: save at the end of this step, then exit 0. A second
-    Ctrl-C aborts at once (the newest complete checkpoint stays the one to resume)."""
+    """SIGTERM (preemption), SIGHUP (the terminal closed, the ssh session dropped) or a first
+    Ctrl-C: save at the end of this step, then exit 0. A second Ctrl-C aborts at once (the newest
+    complete checkpoint stays the one to resume)."""
     global stop_requested
     if stop_requested and signum == signal.SIGINT:
         raise KeyboardInterrupt
+    if signum == signal.SIGHUP:  # a hung-up terminal fails every write (EIO): stop writing there
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in terminals:
+            os.dup2(devnull, fd)
+        os.close(devnull)
     stop_requested = signal.Signals(signum).name
     again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
     print0(f"{stop_requested}: saving a checkpoint at the end of this step, then exiting{again}")
 
 
 stop_requested, nonfinite, metrics = None, 0, {}
+terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # now: once hung up, a terminal is no tty
 signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGHUP, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 model.train()
 peak = peak_flops(device)

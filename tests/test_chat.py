@@ -175,9 +175,9 @@ def test_demo_template_think_overlap_and_near_miss():
         "<think>\r\nLet me.</think>4"):
         # almost the prompt's <think>\n: kept whole, and said
         p, r, notes = encode(tok, "What is 2+2?", near)
-        assert notes == {"near_miss"} and text(tok, r).startswith(
-            near[:7]
-        ), near  # (the demo has no \r)
+        # the demo has no \r: its unknown token, noted too
+        unknown = {"unknown_token"} if "\r" in near else set()
+        assert notes == {"near_miss"} | unknown and text(tok, r).startswith(near[:7]), near
     # no think at all: nothing to remove
     p, r, notes = encode(tok, "What is 2+2?", "The answer is 4.")
     assert text(tok, r) == "The answer is 4.<|end|>"

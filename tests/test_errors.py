@@ -46,7 +46,46 @@ TRAIN = [  # (what the user got wrong, arguments, the message that must name it)
     (
         "no file matches the glob",
         ["--train_files=/nonexistent/*.parquet"],
-        "no parquet file matches"),
+        "no data file matches '/nonexistent/*.parquet'"),
+    (
+        "a folder as train_files",
+        ["--train_files={tmp}/a_folder"],
+        "a_folder is a folder, not a data file (nor a datasets save_to_disk folder): give its "
+        "files, e.g. '"),
+    (
+        "a DatasetDict folder as train_files",
+        ["--train_files={tmp}/dataset_dict"],
+        "dataset_dict is a datasets DatasetDict (splits: train): give one split's folder, e.g. "),
+    (
+        "a file of no known format",
+        ["--train_files={tmp}/rows.csv"],
+        "rows.csv: not a data file this reads (.parquet, .arrow, .jsonl, .json"),
+    (
+        "a parquet with no rows",
+        ["--train_files={tmp}/no_rows.parquet"],
+        "no_rows.parquet has no rows"),
+    (
+        "a JSON lines file cut short",
+        ["--train_files={tmp}/cut.jsonl"],
+        "cut.jsonl line 2: the last line is cut short (Unterminated string starting at, column "),
+    (
+        "a ShareGPT role that does not exist",
+        ["--train_files={tmp}/robot.jsonl"],
+        "robot.jsonl line 1: key 'conversations' message 1 has unknown role 'robot' (ShareGPT"),
+    (
+        "an encoder (BERT) as init_from",
+        ["--init_from={tmp}/bert"],
+        "bert is a 'bert' model, an encoder: its attention is not causal (is_decoder is false)"),
+    (
+        "a model folder without its output weights",
+        ["--init_from={tmp}/headless"],
+        "headless: 1 weights of a Qwen3ForCausalLM are not in its files (lm_head.weight): not a "
+        "causal LM's checkpoint"),
+    (
+        "data_format typo",
+        ["--data_format=sharegtp"],
+        "data_format='sharegtp': expected one of 'auto', 'prompt_target', 'messages', 'sharegpt' "
+        "(did you mean sharegpt?)"),
     (
         "a parquet without the target column",
         ["--train_files={tmp}/no_target.parquet"],
@@ -213,6 +252,19 @@ SAMPLE = [
         ["--ckpt={ckpt}", "--data_files={tmp}/string_messages.parquet"],
         "column 'messages' must be a list of {role, content} messages, got a string"),
     ("CUDA without CUDA", ["--device=cuda"], "device='cuda' but no CUDA device is visible"),
+    (
+        "temperature nan",
+        ["--ckpt={ckpt}", "--temperature=nan"],
+        "temperature=nan: must be a number >= 0 (0: greedy; not inf or nan)"),
+    (
+        "temperature inf",
+        ["--ckpt={ckpt}", "--temperature=inf"],
+        "temperature=inf: must be a number >= 0 (0: greedy; not inf or nan)"),
+    ("an empty prompt", ["--ckpt={ckpt}", "--prompt="], "prompt='' is empty: give the text to"),
+    (
+        "an encoder (BERT) as ckpt",
+        ["--ckpt={tmp}/bert", "--prompt=hi"],
+        "bert is a 'bert' model, an encoder: its attention is not causal"),
     ("dtype typo", ["--dtype=bf16"], "dtype='bf16': expected one of 'float32', 'bfloat16'"),
     (
         "no checkpoint yet",
@@ -228,7 +280,8 @@ BENCH = [
     (
         "what typo",
         ["--what=trian"],
-        "what='trian': expected one of 'train', 'decode', 'data', 'none' (did you mean train?)"),
+        "what='trian': expected one of 'train', 'decode', 'serve', 'data', 'trained' (did you mean "
+        "train, trained?)"),
     ("preset typo", ["--preset=qwen9"], "preset='qwen9': expected one of"),
     ("block_size 0", ["--block_size=0"], "block_size=0: must be >= 1"),
     ("decode batch 0", ["--decode_batches=0"], "decode_batches=(0,): expected ints >= 1"),
@@ -259,6 +312,28 @@ def fixtures(tmp):
     demo_tokenizer().save_pretrained(tmp / "garbage_weights")
     (tmp / "garbage_weights" / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     write_parquet(tmp / "string_messages.parquet", [{"messages": "What is 2+2?"}])
+    import json
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(tmp / "a_folder")
+    (tmp / "a_folder" / "rows.jsonl").write_text('{"prompt": "hi", "target": "yo"}\n')
+    os.makedirs(tmp / "dataset_dict" / "train")
+    (tmp / "dataset_dict" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (tmp / "dataset_dict" / "train" / "state.json").write_text('{"_data_files": []}')
+    (tmp / "rows.csv").write_text("prompt,target\nhi,yo\n")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()),
+                             "target": pa.array([], pa.string())}), tmp / "no_rows.parquet")
+    (tmp / "cut.jsonl").write_text('{"prompt": "hi", "target": "yo"}\n{"prompt": "hi", "tar')
+    (tmp / "robot.jsonl").write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]}) + "\n")
+    from transformers import BertConfig, BertForMaskedLM, Qwen3Config, Qwen3Model
+    tiny = dict(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64)
+    BertForMaskedLM(BertConfig(**tiny)).save_pretrained(tmp / "bert")
+    demo_tokenizer().save_pretrained(tmp / "bert")
+    Qwen3Model(Qwen3Config(**tiny, num_key_value_heads=2, head_dim=16,
+                           tie_word_embeddings=False)).save_pretrained(tmp / "headless")
+    demo_tokenizer().save_pretrained(tmp / "headless")
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0,
                                eos_token_id=0)).save_pretrained(tmp / "gpt2")

@@ -165,12 +165,6 @@ def test_python_data_py_draws_both_layouts():
     assert rows["r5"][9:] == [".", ".", ".", "."]  # clean tokens never see a mask
 
 
-def test_decode_step_queries_are_the_last_rows():
-    batch, _ = random_row(random.Random(0), 4, "split")
-    full = dense_mask(batch)
-    assert torch.equal(dense_mask(batch, num_queries=7), full[:, :, -7:])
-
-
 def _batch(seed=0, rows=2, L=300):
     rng = random.Random(seed)
     parts = [

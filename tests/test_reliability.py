@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TORCHRUN, jsonl, losses, read_json, start, train
+from conftest import ROOT, TINY, TORCHRUN, jsonl, losses, python, read_json, start, train
 
 pytestmark = pytest.mark.slow  # subprocesses: train.py, torchrun, kill -9
 
@@ -196,6 +196,13 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_newest_intact_one(
         (newest / "checkpoint.json").write_text("{not json")
     else:
         os.remove(newest / "state" / "rank0.pt")
+    # sample.py decodes the newest checkpoint whose export is intact, and says so when it passes one
+    p = python("sample.py", f"--out_dir={out}", "--prompt=hi", "--max_new_tokens=4",
+               "--scenario=ar", "--device=cpu")
+    export_damaged = damage in ("flip bytes in the weights", "garbage checkpoint.json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (f"note: decoding {out}/global_step_2: the newer global_step_4 cannot be trusted ("
+            in p.stdout) == export_damaged, p.stdout[-2000:]
     p = train(out, *args)
     warning = [line for line in p.stdout.splitlines() if "cannot be trusted" in line]
     assert len(warning) == 1 and "set aside as" in warning[0]
@@ -281,6 +288,35 @@ def test_torchrun_sigterm_saves_on_every_rank(tmp_path, train_file):
     assert p.returncode == 0, stderr[-2000:]
     saved = [n for n in os.listdir(tmp_path) if n.startswith("global_step_")]
     assert len(saved) == 1 and (tmp_path / saved[0] / "state" / "rank1.pt").exists()
+
+
+def test_torchrun_mistake_prints_its_line_every_time_under_load(tmp_path):
+    """A mistake every rank finds (gradient accumulation not divisible over 2 ranks): rank 0's line
+    is out before torchrun stops the job, and it is what torchrun's report ends with (the root
+    cause), 10 times in 10 with 5 jobs at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    line = "error: gradient_accumulation_steps=1 must be divisible by the 2 ranks"
+
+    def job(i):
+        cmd = TORCHRUN + ["train.py", *TINY, f"--out_dir={tmp_path}/run{i}", "--max_steps=2"]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    with ThreadPoolExecutor(5) as pool:
+        runs = list(pool.map(job, range(10)))
+    for p in runs:
+        tail = [x for x in p.stderr.splitlines() if x.strip()][-3:]
+        assert p.returncode != 0 and p.stderr.startswith(line), p.stderr[-1500:]
+        assert any(x.strip().startswith(f"traceback : {line}") for x in tail), tail
+    assert not any(os.path.exists(tmp_path / f"run{i}" / "global_step_2") for i in range(10))
+
+
+def test_a_config_file_that_calls_exit_says_so_and_keeps_its_code(tmp_path):
+    (tmp_path / "leave.py").write_text("import sys\nbatch_size = 2\nsys.exit(3)\n")
+    p = subprocess.run([sys.executable, "train.py", str(tmp_path / "leave.py")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and p.stderr == (f"error: {tmp_path}/leave.py line 3: the config file "
+                                              "called sys.exit(3)\n"), p.stderr
 
 
 def test_metrics_mark_resumes_and_wandb_resumes_its_run(tmp_path, train_file, monkeypatch):

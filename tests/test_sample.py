@@ -15,7 +15,7 @@ from conftest import ROOT, jsonl, python, read_json, tiny_model, write_parquet
 from configurator import UserError
 from mask import dense_mask
 from model import cache_kwarg
-from policy import DraftPolicy
+from policy import DraftPolicy, queries
 import sample
 import sampling
 from grade import extract_answer, majority_correct, normalize_answer, pass_at_k, same_answer
@@ -351,6 +351,28 @@ def test_sampled_lossless_equals_ar_and_each_row_its_prompt_alone(settings, arch
     assert len({tuple(t) for t, _ in ar}) == len(prompts)
 
 
+def test_no_mode_writes_the_mask_or_a_suppressed_token_even_when_it_is_most_likely():
+    """A model whose most likely token, everywhere, is the mask (then token 9): no mode, greedy or
+    sampled (even at a high temperature), writes it, nor a suppressed id; lossless stays ar."""
+    model = tiny_model("qwen3", vocab_size=128, seed=2)
+    bias = torch.zeros(128)
+    bias[MASK], bias[9] = 50.0, 40.0  # far above every other logit: greedy would take them
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias.to(out.dtype))
+    prompts = random_prompts(4, seed=5)
+    for settings in [{}, dict(temperature=1.0), dict(temperature=5.0, top_p=0.99)]:
+        ar = generate(model, prompts, "ar", 4, MASK, 12, seed=3, **settings)
+        assert all(MASK not in t for t, _ in ar)
+        assert sum(t.count(9) for t, _ in ar) > 40  # the next most likely: what is written
+        kept = generate(model, prompts, "ar", 4, MASK, 12, seed=3, suppress_tokens=[9], **settings)
+        assert all(MASK not in t and 9 not in t for t, _ in kept)
+        for mode in ("block", "adaptive", "lossless"):
+            out = generate(model, prompts, mode, 4, MASK, 12, seed=3, suppress_tokens=[9],
+                           **settings)
+            assert all(MASK not in t and 9 not in t for t, _ in out), (mode, settings)
+            if mode == "lossless":
+                assert [t for t, _ in out] == [t for t, _ in kept]
+
+
 def test_temperature_zero_is_greedy_whatever_the_seed():
     model = tiny_model("qwen3", vocab_size=128)
     prompts = random_prompts(4)
@@ -372,8 +394,9 @@ def test_block_and_adaptive_draft_with_the_same_noise():
 
 
 def test_any_draft_schedule_stays_exact(monkeypatch):
-    """Lossless steps of any (k drafts, m masks per group), changing from step to step (so that k <
-    m too), give ar's tokens at batch 1, 8 and 64 with refill."""
+    """Lossless steps of any (k drafts, m masks per group, a group after every acceptance or after
+    none and all alone), changing from step to step (so that k < m too), give ar's tokens at batch
+    1, 8 and 64 with refill."""
     model = tiny_model("llama", vocab_size=128, seed=11)
     prompts = random_prompts(70, seed=4)
     want = generate(model, prompts, "ar", 4, MASK, 20, eos_token_id=9, batch_size=64,
@@ -385,22 +408,27 @@ def test_any_draft_schedule_stays_exact(monkeypatch):
         def best(self, n):
             return self.rng.randrange(self.D + 1)
 
+        def groups(self, n, k):
+            return self.rng.choice([2, k + 1]) if k >= 2 else k + 1
+
     monkeypatch.setattr(sample, "draft_policy", lambda model, D, fixed, sampling: Scripted_(D))
     for batch_size in (1, 8, 64):
         got = generate(model, prompts, "lossless", 4, MASK, 20, eos_token_id=9, drafts="auto",
                        batch_size=batch_size, temperature=0.8, top_p=0.9)
         assert [t for t, _ in got] == [t for t, _ in want], batch_size
         shapes = Counter(s for _, stats in got for s in stats["shapes"])
-        assert len(shapes) >= 5 and any(k < m for k, m in (map(int, s.split(",")) for s in shapes))
+        kmg = [[int(x) for x in s.split(",")] for s in shapes]
+        assert len(shapes) >= 5 and any(x[0] < x[1] for x in kmg), shapes
+        assert any(len(x) == 3 for x in kmg), shapes  # two groups
 
 
 def test_the_draft_policy_weighs_acceptance_against_cost():
     policy = DraftPolicy(3)
-    policy.forward[64] = [1.0, 4.0, 9.0, 16.0]  # compute-bound: a forward costs its queries
+    policy.forward[64] = {1: 1.0, 4: 4.0, 16: 16.0}  # compute-bound: a forward costs its queries
     for _ in range(100):
         policy.score([1, 2, 3], [1, 2, 3])  # every draft right: 4 tokens per step
     assert policy.best(64) == 0  # 4 tokens for 16x the cost: ar wins
-    policy.forward[1] = [1.0, 1.05, 1.1, 1.2]  # a GPU at batch 1: queries nearly free
+    policy.forward[1] = {1: 1.0, 4: 1.05, 16: 1.2}  # a GPU at batch 1: queries nearly free
     assert policy.best(1) == 3
     bad = DraftPolicy(3)
     bad.forward = policy.forward
@@ -409,22 +437,61 @@ def test_the_draft_policy_weighs_acceptance_against_cost():
     assert bad.best(1) == 0
 
 
-def test_the_draft_policy_believes_measured_steps_and_measures_the_others_again():
+def test_the_draft_policy_places_two_groups_where_queries_cost():
+    """Two groups (after no draft and after all) where queries cost and drafts are mostly all right;
+    a group after every acceptance where queries are nearly free and drafts often partly right."""
+    policy = DraftPolicy(7)
+    policy.forward[64] = {1: 1.0, 8: 8.0, 64: 64.0}
+    for _ in range(100):
+        policy.score(list(range(7)), list(range(7)))
+    assert policy.groups(64, 7) == 2 and policy.groups(64, 1) == 2
+    assert policy.expected(7, 2) == pytest.approx(policy.expected(7), rel=0.05)
+    partial = DraftPolicy(7)
+    partial.forward[1] = {1: 1.0, 8: 1.001, 64: 1.01}
+    for _ in range(100):
+        partial.score(list(range(7)), [0, 1, 2, 9, 9, 9, 9])  # three right, then wrong
+    assert partial.groups(1, 7) == 8 and partial.expected(7, 2) < 0.7 * partial.expected(7)
+    flat = DraftPolicy(7)
+    flat.forward[64] = {1: 1.0, 22: 1.0}  # a flat line through small shapes only
+    assert flat.seconds(64, 7) == pytest.approx(64 / 22)  # 64 queries: priced by queries past 22
+    assert flat.seconds(64, 7, 7, 2) == pytest.approx(1.0)
+
+
+def test_the_draft_policy_fits_one_line_through_every_measured_shape():
+    """Measured steps outweigh the calibration; a noisy price of one shape is pulled to the line the
+    others draw; a smaller batch starts from the next larger one's line, scaled by rows."""
     policy = DraftPolicy(3)
-    policy.forward[8] = [1.0, 1.1, 1.2, 1.3]  # calibrated: drafts nearly free
+    policy.forward[8] = {1: 1.0, 4: 1.1, 16: 1.3}  # calibrated: drafts nearly free
     for _ in range(100):
         policy.score([1, 2, 3], [1, 2, 3])
     assert policy.best(5) == 3  # 5 rows are priced at the batch size 8
-    for _ in range(10):
-        policy.observe(6, 3, 8.0)  # but a real step of 3 drafts costs 8x ar's forward
-    policy.observe(6, 0, 1.0)
-    assert policy.seconds(7, 2) == 1.2 * policy.factor[8]  # not measured: calibration x factor
-    choices = [policy.best(8) for _ in range(64)]
-    assert choices.count(0) == 60  # every 32 steps, two steps of another k, in turn:
-    assert choices[28:30] == [1, 1] and choices[60:62] == [2, 2]  # (the 30th and 31st calls)
+    for k in (0, 1, 2):
+        for _ in range(10):
+            policy.observe(8, k, k, 1.0 + queries(k, k))  # measured: each query costs
+    assert policy.seconds(8, 3) > 0.75 * (1.0 + 16)  # k = 3, never measured: near the line
+    assert policy.best(8) == 0
+    policy.observe(8, 1, 1, 100.0)  # one step of a noisy moment does not decide alone
+    assert policy.seconds(8, 1) < 10
+    policy.forward[4] = {}  # not calibrated at 4: the line of 8, per query halved
+    base, slope = policy.line(8)
+    assert policy.line(2)[1] == pytest.approx(slope / 4, rel=0.05)
     assert policy.calibrated(3) and not policy.calibrated(9)
-    policy.forward[8] = [1.0, 4.0, 9.0, 16.0]  # seconds = 1/8 x rows x queries: 3 rows, 4 queries
-    assert abs(policy.forward_seconds(3, 1) - 1.5) < 1e-9
+
+
+def test_the_draft_policy_explores_only_its_neighbours_and_rarely_a_losing_one():
+    policy = DraftPolicy(3)
+    policy.forward[1] = {1: 1.0, 4: 1.5, 16: 3.0}  # drafts pay; 2 is close behind 3 (0.9x)
+    for _ in range(100):
+        policy.score([1, 2, 3], [1, 2, 3])
+    choices = [policy.best(1) for _ in range(64)]
+    assert choices.count(3) == 60 and set(choices) == {3, 2}  # best 3, its neighbour 2
+    assert choices[29:31] == [2, 2] and choices[61:63] == [2, 2]  # two steps in a row
+    more = [policy.best(1) for _ in range(64)]
+    assert more[62] == 0 and more.count(0) == 1  # step 127: an ar step, its price measured
+    slow = DraftPolicy(3)
+    slow.forward[64] = {1: 1.0, 4: 4.0, 16: 16.0}  # every draft costs more than it brings
+    choices = [slow.best(64) for _ in range(512)]
+    assert choices.count(0) == 508 and choices.count(1) == 4  # every 256 steps, two
 
 
 def test_pass_at_k_and_majority_vote():

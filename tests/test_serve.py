@@ -259,56 +259,69 @@ def test_a_client_that_goes_away_frees_its_row(random_server):
         assert "nextblock_" + name in text, name
 
 
+KEY = {"Authorization": "Bearer sk-test"}
+OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+ERROR_SERVER = ["--served_model_name=tiny", "--api_key=sk-test", "--max_batch=1", "--max_waiting=0",
+                "--max_body_mb=0.01", "--max_model_len=200"]
+ERRORS = [  # (mistake, path, body or raw bytes, headers, status, param, words in the message)
+    ("no API key", "chat/completions", OK, {}, 401, None, "API key"),
+    ("a wrong API key", "chat/completions", OK, {"Authorization": "Bearer wrong"}, 401, None,
+     "API key"),
+    ("a body that is not JSON", "chat/completions", b"{not json", KEY, 400, None, "not valid JSON"),
+    ("messages of the wrong type", "chat/completions", {"messages": "hi"}, KEY, 400, "messages",
+     "valid list"),
+    ("a field of the wrong type", "chat/completions", {**OK, "temperature": "hot"}, KEY, 400,
+     "temperature", "number"),
+    ("a negative temperature", "chat/completions", {**OK, "temperature": -1}, KEY, 400,
+     "temperature", "greater than or equal"),
+    ("top_p above 1", "chat/completions", {**OK, "top_p": 1.5}, KEY, 400, "top_p",
+     "less than or equal"),
+    ("n = 0", "chat/completions", {**OK, "n": 0}, KEY, 400, "n", "greater than"),
+    ("max_tokens past the context", "chat/completions", {**OK, "max_tokens": 500}, KEY, 400,
+     "max_tokens", "maximum context length is 200"),
+    ("a prompt longer than the context", "chat/completions",
+     {"messages": [{"role": "user", "content": "x" * 300}]}, KEY, 400, "messages",
+     "maximum context length"),
+    ("an unknown role", "chat/completions", {**OK, "messages": [{"role": "wizard", "content": "hi"}]},
+     KEY, 400, "messages", "unknown role"),
+    ("a field this server does not do", "chat/completions", {**OK, "logprobs": True}, KEY, 400,
+     "logprobs", "not supported"),
+    ("an empty stop string", "chat/completions", {**OK, "stop": [""]}, KEY, 400, "stop", "empty"),
+    ("a stop token outside the vocabulary", "chat/completions", {**OK, "stop_token_ids": [10 ** 6]},
+     KEY, 400, "stop_token_ids", "vocabulary"),
+    ("an unknown mode", "chat/completions", {**OK, "mode": "beam"}, KEY, 400, "mode", "decodes"),
+    ("a token id outside the vocabulary", "completions", {"prompt": [10 ** 6]}, KEY, 400, "prompt",
+     "vocabulary"),
+    ("an unknown model", "chat/completions", {**OK, "model": "gpt-4"}, KEY, 404, "model",
+     "does not exist"),
+    ("an unknown path", "nope", OK, KEY, 404, None, "no such path"),
+    ("a body over max_body_mb", "chat/completions",
+     {**OK, "messages": [{"role": "user", "content": "x" * 20000}]}, KEY, 413, None, "larger than")]
+
+
 def test_every_mistake_gets_an_openai_error_and_the_server_goes_on(tmp_path):
     folder = random_checkpoint(tmp_path / "model")
-    server = Server(folder, "--served_model_name=tiny", "--api_key=sk-test", "--max_batch=1",
-                    "--max_waiting=0", "--max_body_mb=0.01", "--max_model_len=200")
-    key = {"Authorization": "Bearer sk-test"}
+    server = Server(folder, *ERROR_SERVER)
     chat_url = server.url + "/v1/chat/completions"
-    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     try:
-        cases = [  # (body or raw bytes, headers, status, param, words in the message)
-            (ok, {}, 401, None, "API key"),
-            (ok, {"Authorization": "Bearer wrong"}, 401, None, "API key"),
-            (b"{not json", key, 400, None, "not valid JSON"),
-            ({"messages": "hi"}, key, 400, "messages", "valid list"),
-            ({**ok, "temperature": "hot"}, key, 400, "temperature", "number"),
-            ({**ok, "temperature": -1}, key, 400, "temperature", "greater than or equal"),
-            ({**ok, "top_p": 1.5}, key, 400, "top_p", "less than or equal"),
-            ({**ok, "n": 0}, key, 400, "n", "greater than"),
-            ({**ok, "max_tokens": 500}, key, 400, "max_tokens", "maximum context length is 200"),
-            ({"messages": [{"role": "user", "content": "x" * 300}]}, key, 400, "messages",
-             "maximum context length"),
-            ({**ok, "messages": [{"role": "wizard", "content": "hi"}]}, key, 400, "messages",
-             "unknown role"),
-            ({**ok, "logprobs": True}, key, 400, "logprobs", "not supported"),
-            ({**ok, "stop": [""]}, key, 400, "stop", "empty"),
-            ({**ok, "stop_token_ids": [10 ** 6]}, key, 400, "stop_token_ids", "vocabulary"),
-            ({**ok, "mode": "beam"}, key, 400, "mode", "decodes"),
-            ({**ok, "model": "gpt-4"}, key, 404, "model", "does not exist"),
-            ({**ok, "messages": [{"role": "user", "content": "x" * 20000}]}, key, 413, None,
-             "larger than")]
-        for body, headers, status, param, words in cases:
+        for what, path, body, headers, status, param, words in ERRORS:
             raw = body if isinstance(body, bytes) else None
-            got, reply = post(chat_url, None if raw else body, headers, raw)
-            assert got == status, (body, reply)
+            got, reply = post(f"{server.url}/v1/{path}", None if raw else body, headers, raw)
+            assert got == status, (what, reply)
             error = reply["error"]
             assert set(error) == {"message", "type", "param", "code"}, reply
-            assert error["param"] == param and words in error["message"], (body, error)
+            assert error["param"] == param and words in error["message"], (what, error)
             assert "\n" not in error["message"]
-        assert post(server.url + "/v1/nope", ok, key)[0] == 404
-        assert post(server.url + "/v1/completions", {"prompt": [10 ** 6]}, key)[1]["error"][
-            "param"] == "prompt"
         # a full queue: one row, no waiting room; a long answer holds the row
         client = server.client("sk-test")
         long = client.completions.create(model="tiny", prompt=LONG, max_tokens=150, stream=True,
                                          temperature=0)
         next(iter(long))
-        status, reply = post(chat_url, ok, key)
+        status, reply = post(chat_url, OK, KEY)
         assert status == 429 and reply["error"]["code"] == "queue_full"
         long.close()
         for _ in range(100):  # the row frees within 10 s, and the server answers again
-            status, reply = post(chat_url, ok, key)
+            status, reply = post(chat_url, OK, KEY)
             if status == 200:
                 break
             time.sleep(0.1)
@@ -396,10 +409,9 @@ def browser():
 
 def test_the_chat_page_streams_the_answer_in_a_real_browser(trained_demo, tmp_path):
     from selenium.webdriver.common.by import By
+    driver = browser()  # or skip, before a server starts
     server = Server(trained_demo["out_dir"], "--served_model_name=demo")
-    driver = None
     try:
-        driver = browser()
         driver.get(server.url + "/")
         assert "demo" in driver.title
         driver.find_element(By.ID, "compare").click()  # ar beside it
@@ -428,6 +440,21 @@ def test_the_chat_page_streams_the_answer_in_a_real_browser(trained_demo, tmp_pa
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").stat().st_size > 10_000
     finally:
-        if driver is not None:
-            driver.quit()
+        driver.quit()
         assert server.stop() == 0
+
+
+if __name__ == "__main__":  # the server's table in docs/errors.md, from a real server
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        server = Server(random_checkpoint(Path(d) / "model"), *ERROR_SERVER)
+        print("| mistake | status | `param` | message |\n|---|---|---|---|")
+        try:
+            for what, path, body, headers, status, param, _ in ERRORS:
+                raw = body if isinstance(body, bytes) else None
+                got, reply = post(f"{server.url}/v1/{path}", None if raw else body, headers, raw)
+                message = reply["error"]["message"].replace("|", "\\|")
+                print(f"| {what} | {got} | {param or ''} | {message} |")
+        finally:
+            server.stop()
