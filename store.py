@@ -33,6 +33,7 @@ from configurator import UserError, first_line
 from formats import expand_files
 
 FILES = ("ids.bin", "offsets.npy", "spans.npy", "span_offsets.npy", "source.npy")
+ARRAYS = {"offsets.npy": 1, "spans.npy": 2, "span_offsets.npy": 1, "source.npy": 2}  # name: width
 VERSION = 2  # of the store's format: part of the key
 
 
@@ -281,8 +282,12 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
     tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    offsets, span_counts = [0], [0]  # cumulative token and span counts per sample
-    span_list, source, errors, notes, first_where, bad = [], [], [], Counter(), {}, []
+    # what each sample adds to the arrays streams to files as it comes (then becomes .npy): held in
+    # memory it would grow with the data (a list of Python ints per sample outgrows the file itself)
+    columns = {name: open(os.path.join(tmp, name + ".raw"), "wb") for name in ARRAYS}
+    for name in ("offsets.npy", "span_offsets.npy"):
+        columns[name].write(np.zeros(1, np.int64).tobytes())
+    tokens, n_spans, samples, errors, notes, first_where, bad = 0, 0, 0, [], Counter(), {}, []
     file_rows, units, n_bad = [0] * len(paths), ["row"] * len(paths), 0
     _WORKER.update(chat=conversation, spec=spec, skip=skip_bad_rows, paths=paths)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
@@ -294,10 +299,14 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
         with open(os.path.join(tmp, "ids.bin"), "wb") as out:
             for part in results:
                 out.write(part.ids.tobytes())
-                lengths, counts = part.lengths, part.counts
-                offsets += (offsets[-1] + np.cumsum(lengths)).tolist() if lengths else []
-                span_list += part.spans
-                span_counts += (span_counts[-1] + np.cumsum(counts)).tolist() if counts else []
+                lengths, counts = (np.asarray(x, np.int64) for x in (part.lengths, part.counts))
+                for name, values in (("offsets.npy", tokens + np.cumsum(lengths)),
+                                     ("span_offsets.npy", n_spans + np.cumsum(counts)),
+                                     ("spans.npy", np.asarray(part.spans, np.int64)),
+                                     ("source.npy", np.asarray(part.source, np.int64))):
+                    columns[name].write(values.tobytes())
+                tokens, n_spans = tokens + int(lengths.sum()), n_spans + int(counts.sum())
+                samples += len(lengths)
                 for note, where in part.notes:
                     notes[note] += 1
                     first_where.setdefault(note, where)
@@ -306,9 +315,7 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
                 units[part.file] = "line" if part.layout == "lines" else "row"
                 n_bad += len(part.bad)
                 bad += part.bad[:3 - len(bad)]
-                source += part.source
-                bar.update(part.rows,
-                           f"{offsets[-1] / max(time.time() - t0, 1e-9) / 1e3:.0f}k tokens/s")
+                bar.update(part.rows, f"{tokens / max(time.time() - t0, 1e-9) / 1e3:.0f}k tokens/s")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _no_space(folder, e) from None
@@ -317,6 +324,8 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
         raise
     finally:
         bar.close()
+        for f in columns.values():
+            f.close()
         if pool:
             pool.terminate()
     n_rows = sum(file_rows)
@@ -326,14 +335,14 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
         raise UserError(f"{len(errors)} of {n_rows} rows cannot be rendered by the chat template "
                         f"({shown}{'; ...' if len(errors) > 3 else ''}): fix or drop them, or set "
                         "chat_template_kwargs")
-    arrays = {"offsets.npy": np.asarray(offsets, np.int64),
-              "spans.npy": np.asarray(span_list, np.int64).reshape(-1, 2),
-              "span_offsets.npy": np.asarray(span_counts, np.int64),
-              "source.npy": np.asarray(source, np.int64).reshape(-1, 2)}
     try:
-        for name, array in arrays.items():
-            np.save(os.path.join(tmp, name), array)
-        info = {"samples": len(offsets) - 1, "rows": n_rows, "tokens": int(offsets[-1]),
+        for name, width in ARRAYS.items():  # one at a time: read, written out as .npy, dropped
+            raw = os.path.join(tmp, name + ".raw")
+            values = np.fromfile(raw, np.int64) if os.path.getsize(raw) else np.zeros(0, np.int64)
+            np.save(os.path.join(tmp, name), values.reshape((-1, width) if width > 1 else -1))
+            del values
+            os.remove(raw)
+        info = {"samples": samples, "rows": n_rows, "tokens": tokens,
                 "files": paths, "file_rows": file_rows, "units": units,
                 "bad_rows": n_bad, "bad": bad,
                 "notes": {k: [v, first_where[k]] for k, v in notes.items()},
