@@ -336,9 +336,8 @@ class Decoder:
             row.length += 1 + a  # pending and the accepted drafts are cached; the bonus is pending
             self.accept(row, row.drafts[:a] + [h[a]], lg[:a + 1])
             row.pending = [h[a]]
-            if self.mode == "lossless":
-                self.new_drafts(row, h[k + 3:], scored=bool(h[k + 2])) if m else \
-                    self.new_drafts(row, [])
+            if self.mode == "lossless":  # m = 0: an ar step, no drafts
+                self.new_drafts(row, h[k + 3:] if m else [], scored=bool(m and h[k + 2]))
         if self.policy is not None and seen:  # compiled and warm: as decoding pays for it
             self.policy.observe(n, k, m, time.perf_counter() - t0, g)
 

@@ -272,6 +272,15 @@ def _no_space(folder, e):
                      "data files are untouched; free the space or set data_cache)")
 
 
+def _raw_to_npy(tmp):
+    """The per-sample arrays build_store streamed to tmp/*.raw, as .npy: one at a time in memory."""
+    for name, width in ARRAYS.items():
+        raw = os.path.join(tmp, name + ".raw")
+        values = np.fromfile(raw, np.int64) if os.path.getsize(raw) else np.zeros(0, np.int64)
+        np.save(os.path.join(tmp, name), values.reshape((-1, width) if width > 1 else -1))
+        os.remove(raw)
+
+
 def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False, rows_per_task=256):
     """Encode every row of the files into a store in folder (written as folder.tmp-HOST-PID, renamed
     when complete). Files are read as they stream (formats.chunks); rows go to worker processes in
@@ -282,8 +291,7 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
     tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # what each sample adds to the arrays streams to files as it comes (then becomes .npy): held in
-    # memory it would grow with the data (a list of Python ints per sample outgrows the file itself)
+    # per-sample arrays stream to files: in memory they would grow past a large data file's size
     columns = {name: open(os.path.join(tmp, name + ".raw"), "wb") for name in ARRAYS}
     for name in ("offsets.npy", "span_offsets.npy"):
         columns[name].write(np.zeros(1, np.int64).tobytes())
@@ -336,12 +344,7 @@ def build_store(folder, paths, conversation, spec, workers, skip_bad_rows=False,
                         f"({shown}{'; ...' if len(errors) > 3 else ''}): fix or drop them, or set "
                         "chat_template_kwargs")
     try:
-        for name, width in ARRAYS.items():  # one at a time: read, written out as .npy, dropped
-            raw = os.path.join(tmp, name + ".raw")
-            values = np.fromfile(raw, np.int64) if os.path.getsize(raw) else np.zeros(0, np.int64)
-            np.save(os.path.join(tmp, name), values.reshape((-1, width) if width > 1 else -1))
-            del values
-            os.remove(raw)
+        _raw_to_npy(tmp)
         info = {"samples": samples, "rows": n_rows, "tokens": tokens,
                 "files": paths, "file_rows": file_rows, "units": units,
                 "bad_rows": n_bad, "bad": bad,
