@@ -209,14 +209,15 @@ class Decoder:
         slots = [r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))]
         return Fed(rows, live, slots, [r.length if ok else 0 for r, ok in zip(rows, live)])
 
-    def agree(self, k):
-        """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice."""
+    def agree(self, m, g):
+        """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice of
+        drafts and groups (both come from each rank's own timings, which differ)."""
         if self.tp_mesh is None or self.policy is None:
-            return k
+            return m, g
         group = self.tp_mesh.get_group()
-        choice = torch.tensor([k], device=self.device)
+        choice = torch.tensor([m, g], device=self.device)
         dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
-        return int(choice.item())
+        return tuple(choice.tolist())
 
     def shape(self, k, m, g=None):
         g = k + 1 if g is None else g
@@ -298,14 +299,14 @@ class Decoder:
         if self.policy is not None and not self.policy.calibrated(len(fed.rows)):
             calibrate(self.policy, self.f, fed.slots, fed.lengths, self.mask_id, self.shape)
         t0 = time.perf_counter()
-        m = 0  # ar
+        n, found = len(fed.rows), min(len(r.drafts) for r in busy)
+        m, g = (self.drafts if self.mode == "lossless" else 0), None  # ar: m = 0
         if self.policy is not None:  # lossless, drafts='auto'
-            m = self.agree(self.policy.best(len(fed.rows)))
-        elif self.mode == "lossless":
-            m = self.drafts
-        k = min(m, min(len(r.drafts) for r in busy))
-        g = self.policy.groups(len(fed.rows), k) if self.policy is not None else k + 1
-        n, dev, seen = len(fed.rows), self.device, (k, m, g) in self.shapes
+            m = self.policy.best(n)
+            m, g = self.agree(m, self.policy.groups(n, min(m, found)))
+        k = min(m, found)
+        g = k + 1 if g is None else g
+        dev, seen = self.device, (k, m, g) in self.shapes
         at = self.every if n == len(self.slots) else torch.tensor(fed.slots, device=dev)
         length, seeds = self.length[at], self.seed[at]
         group_masks = length.new_full((n, g * m), self.mask_id if m else 0)

@@ -86,27 +86,42 @@ def test_checkpoints_move_across_tensor_and_data_parallel_sizes(tmp_path, train_
     assert samples(run) == samples(tmp_path / "one")
 
 
+# sample.py under TP with each rank's draft policy choosing differently, as each rank's own timings
+# make it do at random: rank 1 always drafts everything in every group, rank 0 two groups
+SKEWED = """import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import policy
+if os.environ["RANK"] == "1":
+    policy.DraftPolicy.best = lambda self, n: self.D
+    policy.DraftPolicy.groups = lambda self, n, k, line=None: k + 1
+else:
+    policy.DraftPolicy.groups = lambda self, n, k, line=None: min(2, k + 1)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("finetune,sampling", [
     ("full", []), ("gated_lora", ["--temperature=0.7", "--top_p=0.9", "--samples_per_prompt=2"])])
 def test_sample_py_under_tensor_parallel_decodes_what_one_process_decodes(tmp_path, train_file,
                                                                           finetune, sampling):
+    """Also with ranks whose draft policies disagree: the group steps with rank 0's shape."""
     train(tmp_path / "run", *SHAPE, "--max_steps=6", f"--finetune={finetune}",
           "--learning_rate=1e-2", train_files=train_file)
+    (tmp_path / "skewed.py").write_text(SKEWED)
     args = ["sample.py", "--device=cpu", f"--out_dir={tmp_path}/run", f"--data_files={train_file}",
             "--num_samples=4", "--max_new_tokens=20", "--batch_size=3",
-            "--scenario=ar,block,adaptive,lossless"]
+            "--scenario=ar,block,adaptive,lossless"] + sampling
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for extra in (sampling,):
-        outs = []
-        for launcher, tp in (([sys.executable], 1), (TWO, 2)):
-            out = tmp_path / f"tp{tp}.json"
-            p = subprocess.run(launcher + args + extra + [f"--tensor_parallel={tp}",
-                                                          f"--summary_json={out}"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-            assert p.returncode == 0, p.stderr[-3000:]
-            outs.append(read_json(out)["scenarios"])
+    outs = []
+    for launcher, tp in (([sys.executable], 1), (TWO, 2), (TWO + [str(tmp_path / "skewed.py")], 2)):
+        out = tmp_path / f"tp{len(outs)}.json"
+        p = subprocess.run(launcher + args + [f"--tensor_parallel={tp}", f"--summary_json={out}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append(read_json(out)["scenarios"])
+    for got in outs[1:]:
         for mode in ("ar", "block", "adaptive", "lossless"):
-            assert outs[0][mode]["tokens"] == outs[1][mode]["tokens"], (mode, extra)
-            assert outs[0][mode].get("same_as_ar") == outs[1][mode].get("same_as_ar"), mode
-        assert outs[1]["lossless"]["same_as_ar"] == f"{outs[1]['ar']['samples']}/" \
-            f"{outs[1]['ar']['samples']}"
+            assert outs[0][mode]["tokens"] == got[mode]["tokens"], (mode, sampling)
+            assert outs[0][mode].get("same_as_ar") == got[mode].get("same_as_ar"), mode
+        assert got["lossless"]["same_as_ar"] == f"{got['ar']['samples']}/{got['ar']['samples']}"
