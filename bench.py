@@ -272,8 +272,8 @@ def decode_once(model, part, first, mode, n_new, bs, how, compiled, d, seed_):
 
 def bench_decode(model, prompts, d, n_new, batches, how, compiled, seed_, least=0):
     """ar, lossless (drafts 'auto' and all), HF generate on the same prompts at each batch size, one
-    sampling setting. The modes take turns on chunks of the prompts, so that a change in the
-    machine's load (a shared CPU) weighs on every mode alike; each batch size is warmed up first
+    sampling setting. The modes take turns on chunks of the prompts, in reverse order every other
+    chunk, so that a change in the machine's load (a shared CPU) weighs on every mode alike; each batch size is warmed up first
     (lossless 'auto' calibrates per batch size; compile builds its graphs). With least, batch size
     bs decodes only the first max(least, 2 bs) prompts: about the same time at every size."""
     out, sizes = {}, [bs for bs in batches if bs <= len(prompts)]
@@ -287,11 +287,14 @@ def bench_decode(model, prompts, d, n_new, batches, how, compiled, seed_, least=
         for n_rows in sorted({min(bs, len(p)) for _, p in parts}):
             for mode in DECODE_MODES:
                 decode_once(model, used[:n_rows], 0, mode, warm, bs, how, compiled, d, seed_)
-        res = {m: {"prompts": len(used), "tokens": 0, "forwards": 0, "seconds": 0.0}
-               for m in DECODE_MODES}
+        # one chunk (the largest batch): two rounds, the second in reverse order, so that a drift
+        # in the machine's speed weighs on every mode alike (A B C D, D C B A)
+        rounds = parts * (2 if len(parts) == 1 else 1)
+        res = {m: {"prompts": sum(len(p) for _, p in rounds), "tokens": 0, "forwards": 0,
+                   "seconds": 0.0} for m in DECODE_MODES}
         outputs, shapes = {m: [] for m in DECODE_MODES}, Counter()
-        for first, part in parts:
-            for mode in DECODE_MODES:
+        for turn, (first, part) in enumerate(rounds):
+            for mode in DECODE_MODES[::-1] if turn % 2 else DECODE_MODES:
                 synchronize(d.dev)
                 t = time.perf_counter()
                 decoded = decode_once(model, part, first, mode, n_new, bs, how, compiled, d, seed_)

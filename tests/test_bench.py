@@ -28,8 +28,9 @@ def assert_decode(batches, n, sampled=False):
             assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
             for key, base in (("speedup_vs_ar", "ar"), ("speedup_vs_hf", "hf_generate")):
                 assert r[key] == pytest.approx(r["tokens_per_s"] / res[base]["tokens_per_s"])
-        for mode in ("ar", "lossless_auto", "lossless_full"):
-            assert res[mode]["same_as_ar"] == n and res[mode]["tokens"] == res["ar"]["tokens"]
+        for mode in ("ar", "lossless_auto", "lossless_full"):  # n prompts in one chunk: 2 rounds
+            assert res[mode]["prompts"] == 2 * n
+            assert res[mode]["same_as_ar"] == 2 * n and res[mode]["tokens"] == res["ar"]["tokens"]
         assert ("same_as_ar" in res["hf_generate"]) == (not sampled)  # HF draws its own samples
         assert res["lossless_full"]["tokens_per_forward"] >= 1
         mix = res["lossless_auto"]["shapes"]
@@ -66,7 +67,7 @@ def test_bench_cpu_json(tmp_path):
     for how, batches in out["decode"].items():
         assert set(batches) == {"batch_1", "batch_2"}
         assert_decode(batches, 3, sampled=how == "sampled")
-        assert batches["batch_1"]["hf_generate"].get("same_as_ar", 3) == 3  # greedy: HF == ar
+        assert batches["batch_1"]["hf_generate"].get("same_as_ar", 6) == 6  # greedy: HF == ar
     assert "lossless_auto" in p.stdout and "k,m mix" in p.stdout
     assert set(out["seconds"]) == {"gpu_tests", "trained", "train", "decode"}
 
@@ -132,7 +133,7 @@ def test_a_crashing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypat
     assert exit_.value.code == 1
     out = read_json(tmp_path / "b.json")
     assert "CUDA out of memory (simulated)" in out["train"]["error"]
-    assert out["decode"]["greedy"]["batch_1"]["lossless_auto"]["same_as_ar"] == 1
+    assert out["decode"]["greedy"]["batch_1"]["lossless_auto"]["same_as_ar"] == 2  # 1 prompt, 2 rounds
     assert "batch_2" not in out["decode"]["greedy"]  # more rows than prompts: skipped
 
 
