@@ -273,9 +273,10 @@ def decode_once(model, part, first, mode, n_new, bs, how, compiled, d, seed_):
 def bench_decode(model, prompts, d, n_new, batches, how, compiled, seed_, least=0):
     """ar, lossless (drafts 'auto' and all), HF generate on the same prompts at each batch size, one
     sampling setting. The modes take turns on chunks of the prompts, in reverse order every other
-    chunk, so that a change in the machine's load (a shared CPU) weighs on every mode alike; each batch size is warmed up first
-    (lossless 'auto' calibrates per batch size; compile builds its graphs). With least, batch size
-    bs decodes only the first max(least, 2 bs) prompts: about the same time at every size."""
+    chunk, so that a change in the machine's load (a shared CPU) weighs on every mode alike; each
+    batch size is warmed up first (lossless 'auto' calibrates per batch size; compile builds its
+    graphs). With least, batch size bs decodes only the first max(least, 2 bs) prompts: about the
+    same time at every size."""
     out, sizes = {}, [bs for bs in batches if bs <= len(prompts)]
     if len(sizes) < len(batches):
         print(f"decode: batch sizes above the {len(prompts)} prompts skipped", flush=True)
