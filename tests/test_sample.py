@@ -478,6 +478,33 @@ def test_the_draft_policy_fits_one_line_through_every_measured_shape():
     assert policy.calibrated(3) and not policy.calibrated(9)
 
 
+def test_the_draft_policy_finds_far_drafts_it_has_seldom_tried():
+    """A policy at 8 of 15 drafts (B=16 at batch 1 on a CPU, as measured): the drafts past 8 seldom
+    tried, one offset weaker, and no step beyond 25 queries measured. It takes 15: a draft seldom
+    tried counts about as good as the one before it (not a coin), and a shape past the largest
+    measured is priced from the calibration's forward of it (not by queries from a small one)."""
+    policy = DraftPolicy(15)
+    policy.forward[1] = {1: 4.4, 4: 5.0, 46: 6.9, 256: 12.9}  # a forward's base cost dominates
+    for i in range(200):  # 8 drafts per step; every 8th step drafts 15, its 9th sometimes wrong
+        written = list(range(8)) + [99 if i % 64 == 0 else 8] + list(range(9, 15))
+        policy.score(list(range(15 if i % 8 == 0 else 8)), written)
+    rates = policy.rates()
+    assert rates[8] < 0.9 and min(rates[9:]) > 0.95  # 25 tried: as good as the drafts before
+    policy.observe(1, 0, 0, 4.7)
+    for _ in range(5):
+        policy.observe(1, 8, 8, 6.9, 2)  # 25 queries: the largest shape measured
+    assert policy.seconds(1, 15, 15, 2) < 9.0  # the measured line's 8.8, not 46/25 x 6.9 = 12.7
+    assert policy.best(1) == 15
+    never = DraftPolicy(3)
+    for _ in range(100):
+        never.score([1], [1])  # only the first draft ever tried: the others count as good as it
+    assert never.rates()[2] == pytest.approx(never.rates()[0], rel=0.01)
+    bad = DraftPolicy(3)
+    for _ in range(100):
+        bad.score([1], [2])
+    assert max(bad.rates()) < 0.02  # and as bad
+
+
 def test_the_draft_policy_explores_only_its_neighbours_and_rarely_a_losing_one():
     policy = DraftPolicy(3)
     policy.forward[1] = {1: 1.0, 4: 1.5, 16: 3.0}  # drafts pay; 2 is close behind 3 (0.9x)
