@@ -93,9 +93,9 @@ sys.path.insert(0, os.getcwd())
 import policy
 if os.environ["RANK"] == "1":
     policy.DraftPolicy.best = lambda self, n: self.D
-    policy.DraftPolicy.groups = lambda self, n, k, line=None: k + 1
+    policy.DraftPolicy.groups = lambda self, n, k, *priced: k + 1
 else:
-    policy.DraftPolicy.groups = lambda self, n, k, line=None: min(2, k + 1)
+    policy.DraftPolicy.groups = lambda self, n, k, *priced: min(2, k + 1)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
