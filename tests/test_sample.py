@@ -519,6 +519,12 @@ def test_the_draft_policy_explores_only_its_neighbours_and_rarely_a_losing_one()
     slow.forward[64] = {1: 1.0, 4: 4.0, 16: 16.0}  # every draft costs more than it brings
     choices = [slow.best(64) for _ in range(512)]
     assert choices.count(0) == 508 and choices.count(1) == 4  # every 256 steps, two
+    dip = DraftPolicy(7)  # best 3, a dip after it, every draft close behind (0.83x): it takes turns
+    dip.forward[1] = {1: 1.0, 4: 1.1, 8: 1.15, 15: 1.4, 64: 3.0}
+    for i in range(200):
+        dip.score(list(range(7)), [0, 1, 2, 3 if i % 2 else 9, 4, 5, 6])  # the 4th right half the time
+    choices = [dip.best(1) for _ in range(128)]
+    assert choices.count(3) == 120 and choices[93:95] == [7, 7] and choices[29:31] == [4, 4]
 
 
 def test_pass_at_k_and_majority_vote():
