@@ -49,8 +49,8 @@ class DraftPolicy:
         self.forward = {}  # batch size -> {queries: seconds of a calibration forward}
         self.steps = {}  # batch size -> {queries: [moving average of a step's seconds, count]}
         self.taken = Counter()  # steps chosen per batch size
-        self.far = {}  # batch size -> (queries, seconds) of the largest shape its line is drawn from
-        self.beyond = {}  # batch size -> [(queries, seconds)] of larger calibrated shapes, as steps
+        self.far = {}  # batch size -> [(queries, seconds)]: the largest shape its line is drawn from,
+        #                then the larger calibrated ones, as steps cost
 
     @staticmethod
     def size(n):
@@ -93,7 +93,7 @@ class DraftPolicy:
         measured."""
         base, slope = line or self.line(b)
         on_line = base + slope * q
-        (q0, t0), *above = [self.far.get(b, (0, 0.0))] + self.beyond.get(b, [])
+        (q0, t0), *above = self.far.get(b, [(0, 0.0)])
         if not q0 or q <= q0:
             return on_line
         for q1, t1 in above:
@@ -136,8 +136,8 @@ class DraftPolicy:
         w = sum(p[2] for p in points)
         if not w:
             return 1.0, 0.0
-        self.far[b] = max(points)[:2]
-        self.beyond[b] = sorted((q, t * ratio) for q, t in calibration.items() if q > self.far[b][0])
+        top = max(points)[:2]
+        self.far[b] = [top] + sorted((q, t * ratio) for q, t in calibration.items() if q > top[0])
         mx, my = (sum(p[i] * p[2] for p in points) / w for i in (0, 1))
         var = sum(p[2] * (p[0] - mx) ** 2 for p in points)
         slope = max(sum(p[2] * (p[0] - mx) * (p[1] - my) for p in points) / var, 0.0) \
@@ -150,7 +150,7 @@ class DraftPolicy:
     def best(self, n):
         """The k of the next step of n rows (its groups: `groups`)."""
         b = self.size(n)
-        line, rates = self.line(b), self.rates()  # once: a least-squares fit
+        line, rates = self.line(b), self.rates()  # once per step: a least-squares fit
         speed = []
         for k in range(self.D + 1):
             g = self.groups(n, k, line, rates)
