@@ -188,13 +188,27 @@ def feed(f, rows, lengths, items, keep, eager=False):
                kv_len, keep)
 
 
-def step_shape(k, m, device, g=None):
+class StepShape(NamedTuple):
+    """The new tokens of a uniform step, relative to a row's cache length (see step_shape); one
+    for all rows, or one per row (`stack_shapes`: each field with a leading [rows])."""
+    position: torch.Tensor  # [Q] position offsets
+    limit: torch.Tensor  # [Q] limit offsets (mask.py's rule)
+    is_mask: torch.Tensor  # [Q]
+    visible: torch.Tensor  # [Q, Q + 1] which new token sees which, a last column of False
+    group: torch.Tensor  # [k + 1] the group after a accepted drafts (its index), -1 where none
+
+
+def every_group(k):
+    return tuple(range(k + 1))
+
+
+def step_shape(k, m, device, after=None):
     """The new tokens of a uniform step, relative to a row's cache length c: [pending][d_1..d_k]
-    then g groups of m masks: G_0..G_k (g = k + 1, the default), or G_0 and G_k alone (g = 2),
-    group G_i drafting what follows the clean token at c + i (k = m = 0: an ar step). Returns (position offsets, limit offsets, is_mask, visible: which new token
-    sees which, by mask.py's rule, [Q, Q + 1] with a last column of False)."""
+    then a group of m masks after each clean token c + i, i in `after` (the acceptance counts a
+    group follows: 0..k by default, at least 0 and k), group G_i drafting what follows the clean
+    token at c + i (k = m = 0: an ar step)."""
+    after = every_group(k) if after is None else after
     clean = [(i, i + 1, False) for i in range(k + 1)]
-    after = range(k + 1) if g is None or g == k + 1 else (0, k)
     groups = [(i + 1 + j, i + 1, True) for i in after for j in range(m)]
     position, limit, is_mask = (torch.tensor(x, device=device) for x in zip(*(clean + groups)))
     Q = len(position)
@@ -202,20 +216,40 @@ def step_shape(k, m, device, g=None):
                         is_mask[None])
     every = torch.arange(Q, device=device)
     visible = mod(0, None, every[:, None], every)
-    return position, limit, is_mask, torch.cat([visible, visible.new_zeros(Q, 1)], 1)
+    group = torch.full((k + 1,), -1, device=device)
+    group[list(after)] = torch.arange(len(after), device=device)
+    return StepShape(position, limit, is_mask, torch.cat([visible, visible.new_zeros(Q, 1)], 1),
+                     group)
+
+
+def moved(after, real):
+    """`after` for a row with `real` drafts (then fillers): the group after the first count at or
+    past them moves to right after them (the groups past them see fillers: never taken)."""
+    i = next(i for i, x in enumerate(after) if x >= real)
+    return after[:i] + (real,) + after[i + 1:]
+
+
+def stack_shapes(shapes):
+    """One StepShape per row, of one length: rows that place their groups differently."""
+    return StepShape(*(torch.stack(field) for field in zip(*shapes)))
 
 
 def feed_uniform(f, rows, length, longest, tokens, shape):
-    """One forward where every row feeds the same shape (ar and lossless steps), built with tensor
+    """One forward where every row feeds as many tokens (ar and lossless steps), built with tensor
     ops: a row's cached tokens are all visible (every new token's limit lies past them); among the
     new ones, `visible` says. rows: cache slots [n], length: their cached token counts [n] (longest:
-    the largest, an int), tokens [n, Q]. Returns the float logits of every query (ar: the last)."""
-    position_offset, _, is_mask, visible = shape
+    the largest, an int), tokens [n, Q], shape: one StepShape or one per row. Returns the float
+    logits of every query (ar: the last)."""
+    position_offset, is_mask, visible = shape.position, shape.is_mask, shape.visible
     n, Q = tokens.shape
     kv_len = f.cache.attend(longest + Q, f.compiled)
     length = length[:, None]
     rel = f.cache.slots[:kv_len] - length  # [n, kv]: a slot's place after the row's cached tokens
-    mask = ((rel < 0)[:, None, :] | visible[:, rel.clamp(0, Q)].transpose(0, 1)).contiguous()
+    if visible.dim() == 3:  # one shape per row
+        new = visible.gather(2, rel.clamp(0, Q)[:, None, :].expand(n, Q, kv_len))
+    else:
+        new = visible[:, rel.clamp(0, Q)].transpose(0, 1)
+    mask = ((rel < 0)[:, None, :] | new).contiguous()
     write_at = length + torch.arange(Q, device=tokens.device)
     return run(f, rows, tokens, length + position_offset, is_mask.expand(n, Q), mask[:, None],
                write_at, kv_len, 1 if Q == 1 else 0)

@@ -74,8 +74,8 @@ class Metrics:
                 + block("tokens_per_forward", "gauge", "generation_tokens_total / forwards_total.",
                         [("", f"{tpf:.4f}")])
                 + block("steps_total", "counter", "Lossless steps per draft shape (k drafts, m "
-                        "masks per group; k,m,2: two groups).", [(f'{{shape="{s}"}}', n)
-                                              for s, n in sorted(self.shapes.items())])
+                        "masks per group; k,m,g: g groups, fewer than k+1).",
+                        [(f'{{shape="{s}"}}', n) for s, n in sorted(self.shapes.items())])
                 + block("finished_total", "counter", "Finished answers per finish reason.",
                         [(f'{{reason="{r}"}}', n) for r, n in sorted(self.finishes.items())])
                 + block("request_errors_total", "counter", "Requests answered with an error, per "

@@ -12,13 +12,13 @@ from collections import Counter
 
 import torch
 
-from cache import feed_uniform
+from cache import every_group, feed_uniform
 
 
-def queries(k, m, g=None):
-    """Queries per row of a lossless step with k drafts and g groups of m masks (g: k + 1, a group
-    after each possible acceptance, or 2: after none and after all; see cache.step_shape)."""
-    return 1 + k + (k + 1 if g is None else g) * m
+def queries(k, m, after=None):
+    """Queries per row of a lossless step with k drafts and a group of m masks after each
+    acceptance count in `after` (default: every one, 0..k; see cache.step_shape)."""
+    return 1 + k + (k + 1 if after is None else len(after)) * m
 
 
 class DraftPolicy:
@@ -35,14 +35,14 @@ class DraftPolicy:
     groups, timed on the device when a batch larger than any calibrated appears, times what
     measured steps cost over their forwards; smaller batches start from the next larger one's
     line, per query scaled by rows). One line through every shape keeps a price left behind by
-    a noisy moment from deciding alone. Each k takes k + 1 groups or two (`groups`). Every
-    32 steps of a batch size, two steps take a neighbouring k (best + 1, best - 1 and, when it is
+    a noisy moment from deciding alone. Each k places groups of masks after none and all of its
+    drafts, then after the likeliest partial acceptances as many as pay (`groups`). Every 32
+    steps of a batch size, two steps take a neighbouring k (best + 1, best - 1 and, when it is
     close behind, every draft, in turn) so that the line and the rates stay true where decisions
     are made (a local best with a dip after it: B=16 sampled at 8 drafts where 15 paid 1.2x);
-    every 256 steps only when the neighbour is far
-    behind (it would cost more than it tells: at a large batch on a CPU only ar steps pay). Every
-    128 steps one is an ar step: the price every draft count is weighed against, measured, not
-    drawn from a line through large shapes."""
+    every 256 steps only when the neighbour is far behind (it would cost more than it tells: at
+    a large batch on a CPU only ar steps pay). Every 128 steps one is an ar step: the price every
+    draft count is weighed against, measured, not drawn from a line through large shapes."""
 
     def __init__(self, D):
         self.D, self.right, self.tried = D, [0] * D, [0] * D
@@ -58,30 +58,42 @@ class DraftPolicy:
 
     def rates(self):
         """a_i, the rate at which draft i is right given the ones before it: the measured ones
-        with a prior of two drafts at a_(i-1) (0.5 for the first). A draft seldom tried is taken
-        to be about as good as the one before it, not a coin: where acceptance dips at one offset
-        and never-tried ones are priced at 0.5, a policy settles on a small k and never learns
-        that far drafts pay (B=16 stayed at 8 drafts where 15 gave 1.2x the tokens/s)."""
-        out, prior = [], 0.5
+        with a prior of two drafts at the rate of all drafts before it, pooled (0.5 for the
+        first). A draft seldom tried is taken to be about as good as those before it, not a coin
+        (where never-tried ones are priced at 0.5, a policy settles on a small k and never learns
+        that far drafts pay: B=16 stayed at 8 drafts where 15 gave 1.2x the tokens/s), nor as bad
+        as one weak offset before it (one early miss at offset 8 held B=16 at 8 drafts for a
+        tenth of its steps)."""
+        out, right_before, tried_before = [], 1.0, 2.0  # the first prior: 0.5, two drafts' worth
         for right, tried in zip(self.right, self.tried):
-            prior = (right + 2 * prior) / (tried + 2)
-            out.append(prior)
+            out.append((right + 2 * right_before / tried_before) / (tried + 2))
+            right_before, tried_before = right_before + right, tried_before + tried
         return out
 
-    def expected(self, k, g=None, rates=None):
-        """Tokens a step of k drafts writes, on average, per step it costs. With two groups
-        (g = 2) a step that accepts some drafts but not all leaves no drafts for the next one,
-        which then writes one token (its drafts are fillers) and drafts again from its first
-        group: that step counts too. rates: `rates()`, when known."""
-        rates = rates or self.rates()
-        tokens, p = 1.0, 1.0
+    def expected(self, k, after=None, rates=None):
+        """Tokens a step of k drafts writes, on average, per step it costs. Where no group follows
+        the drafts it accepts (0 < accepted < k, not in `after`) the next step drafts from the
+        later masks of its first group (fewer drafts, then fillers), and counts too. rates:
+        `rates()`, when known."""
+        tokens, stops = self.stops(k, rates or self.rates())
+        missed = [(p, later) for _, p, i, later in stops if after is not None and i not in after]
+        return (tokens + sum(p * later for p, later in missed)) / (1 + sum(p for p, _ in missed))
+
+    @staticmethod
+    def stops(k, rates):
+        """(tokens a step of k drafts writes on average, [(what a group after i accepted drafts
+        brings, P(accepted = i), i, tokens the next step writes without it) for 0 < i < k]): the
+        next step without it has the drafts after i of the first group, taken to be right at the
+        rates of the drafts after i."""
+        p, tokens, stops, later = 1.0, 1.0, [], [0.0] * (k + 1)
+        for i in range(k - 1, -1, -1):
+            later[i] = rates[i] * (1 + later[i + 1])  # tokens the drafts from i on write
         for i in range(k):
+            if i:
+                stops.append((p * (1 - rates[i]), i, 1 + later[i]))
             p *= rates[i]
             tokens += p
-        if g is None or g == k + 1:
-            return tokens
-        between = max(rates[0] - p, 0.0) if k else 0.0  # P(0 < accepted < k)
-        return (tokens + between) / (1 + between)
+        return tokens, [(q * (tokens - after), q, i, after) for q, i, after in stops]
 
     def price(self, b, q, line=None):
         """Seconds of a step of q queries per row at batch size b: on the line, and past the largest
@@ -103,16 +115,34 @@ class DraftPolicy:
         return max(on_line, t0 * q / q0)
 
     def groups(self, n, k, line=None, rates=None):
-        """How many groups of masks a step of n rows with k drafts places: k + 1, or 2 where the
-        queries saved pay for the steps that find no drafts (a large block, a compute-bound
-        device). line, rates: this batch size's (base, slope) and `rates()`, when known."""
-        if k < 2:
-            return k + 1
+        """After which acceptance counts a step of n rows with k drafts places a group of masks:
+        after none and after all, then after the counts where steps most often stop part-way, as
+        many as pay for their queries (every one where queries are nearly free; two groups for a
+        large block where compute binds). line, rates: this batch size's (base, slope) and
+        `rates()`, when known."""
         b = self.size(n)
-        line, rates = line or self.line(b), rates or self.rates()
-        two, every = (self.expected(k, g, rates) / self.price(b, queries(k, k, g), line)
-                      for g in (2, k + 1))
-        return 2 if two > every else k + 1
+        return self.choice(b, k, line or self.line(b), rates or self.rates())[1]
+
+    def choice(self, b, k, line, rates):
+        """(expected tokens per second, groups) of the best groups for k drafts at batch size b."""
+        if k < 2:
+            return self.expected(k, None, rates) / self.price(b, queries(k, k), line), \
+                every_group(k)
+        tokens, stops = self.stops(k, rates)
+        stops.sort(reverse=True)  # the groups that bring most first
+        missed = sum(p for _, p, _, _ in stops)
+        written = tokens + sum(p * later for _, p, _, later in stops)
+        best, chosen = None, 0
+        for extra in range(k):  # after none and all, then after the `extra` stops that bring most
+            if extra:
+                gain, p, _, later = stops[extra - 1]
+                if gain < 1e-3 * tokens:  # nor any after it: not worth a price
+                    break
+                missed, written = missed - p, written - p * later
+            speed = written / (1 + max(missed, 0.0)) / self.price(b, 1 + k + (2 + extra) * k, line)
+            if best is None or speed > best:
+                best, chosen = speed, extra
+        return best, tuple(sorted([0, k] + [i for _, _, i, _ in stops[:chosen]]))
 
     def calibrated(self, n):
         """Whether steps of n rows have prices: a batch size this large or larger calibrated."""
@@ -144,17 +174,14 @@ class DraftPolicy:
             if var > 0 else 0.0
         return max(my - slope * mx, 1e-9), slope
 
-    def seconds(self, n, k, m=None, g=None):
-        return self.price(self.size(n), queries(k, k if m is None else m, g))
+    def seconds(self, n, k, m=None, after=None):
+        return self.price(self.size(n), queries(k, k if m is None else m, after))
 
     def best(self, n):
         """The k of the next step of n rows (its groups: `groups`)."""
         b = self.size(n)
         line, rates = self.line(b), self.rates()  # once per step: a least-squares fit
-        speed = []
-        for k in range(self.D + 1):
-            g = self.groups(n, k, line, rates)
-            speed.append(self.expected(k, g, rates) / self.price(b, queries(k, k, g), line))
+        speed = [self.choice(b, k, line, rates)[0] for k in range(self.D + 1)]
         best = max(range(self.D + 1), key=lambda k: (speed[k], -k))
         self.taken[b] += 1
         t = self.taken[b]
@@ -169,10 +196,10 @@ class DraftPolicy:
         period = 32 if speed[other] >= 0.8 * speed[best] else 256
         return other if t % period >= period - 2 else best  # two steps: drafts, then measured
 
-    def observe(self, n, k, m, seconds, g=None):
-        """A step of n rows with k drafts and g groups of m masks took `seconds`, all included."""
+    def observe(self, n, k, m, seconds, after=None):
+        """A step of n rows with k drafts and groups of m masks after `after` took `seconds`."""
         shapes = self.steps.setdefault(self.size(n), {})
-        q = queries(k, m, g)
+        q = queries(k, m, after)
         old = shapes.get(q)
         if old is None:
             shapes[q] = [seconds, 1]
@@ -207,22 +234,22 @@ def calibrate(policy, f, slots, lengths, mask_id, shape):
     """Time a forward of k = 0, 1 and D drafts (two groups; also every group where n rows of it
     are at most 4096 queries) on the rows at cache slots `slots` with `lengths`
     cached tokens (the best of two after a warm-up run, which also compiles it): the first points
-    of the policy's line at this batch size. f: the decoder's Forward; shape(k, m, g): a step shape.
-    These forwards write nothing that counts: every slot they fill lies past its row's length,
-    overwritten by its next step."""
+    of the policy's line at this batch size. f: the decoder's Forward; shape(k, m, after): a step
+    shape. These forwards write nothing that counts: every slot they fill lies past its row's
+    length, overwritten by its next step."""
     n, dev = len(slots), f.cache.slots.device
     at, cached = torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev)
     points = {}
     D = policy.D
-    shapes = {(0, 1), (min(1, D), min(2, D + 1)), (D, min(2, D + 1))}  # k, groups
+    shapes = {(0, (0,)), (min(1, D), every_group(min(1, D))), (D, (0, D))}  # k, groups after
     if n * queries(D, D) <= 4096:  # every group too, where it costs no more than a long prefill
-        shapes.add((D, D + 1))
-    for k, g in sorted(shapes):
-        tokens = torch.full((n, queries(k, k, g)), mask_id, device=dev)
+        shapes.add((D, every_group(D)))
+    for k, after in sorted(shapes):
+        tokens = torch.full((n, queries(k, k, after)), mask_id, device=dev)
         times = []
         for _ in range(3):  # a warm-up (and compilation), then the best of two
             t0 = time.perf_counter()
-            feed_uniform(f, at, cached, max(lengths), tokens, shape(k, k, g))[0, 0, 0].item()
+            feed_uniform(f, at, cached, max(lengths), tokens, shape(k, k, after))[0, 0, 0].item()
             times.append(time.perf_counter() - t0)
-        points[queries(k, k, g)] = min(times[1:])
+        points[queries(k, k, after)] = min(times[1:])
     policy.forward[policy.size(n)] = points

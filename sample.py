@@ -45,8 +45,8 @@ import grade
 from checkpoint import find_hf_folder, load_for_decoding
 from common import (Progress, all_gather, ceil_to, compute_cleanup, compute_init, device_mesh,
                     dist_info, print0, resolve_device, text_table, to_device)
-from cache import Forward, RowCache, clean, compiled_forward, feed, feed_uniform, masks, \
-    model_forward, step_shape
+from cache import Forward, RowCache, clean, compiled_forward, every_group, feed, feed_uniform, \
+    masks, model_forward, moved, stack_shapes, step_shape
 from mask import dense_mask
 from model import block_metrics, load_config, set_gate, summarize_metrics, tp_plan
 from policy import calibrate, draft_policy
@@ -209,21 +209,23 @@ class Decoder:
         slots = [r.slot if ok else s for s, (r, ok) in enumerate(zip(rows, live))]
         return Fed(rows, live, slots, [r.length if ok else 0 for r, ok in zip(rows, live)])
 
-    def agree(self, m, g):
+    def agree(self, m, after):
         """The ranks of a tensor-parallel group step with the same shape: group rank 0's choice of
         drafts and groups (both come from each rank's own timings, which differ)."""
         if self.tp_mesh is None or self.policy is None:
-            return m, g
+            return m, after
         group = self.tp_mesh.get_group()
-        choice = torch.tensor([m, g], device=self.device)
+        choice = torch.full((self.D + 2,), -1, device=self.device)  # m, then `after`, -1 padded
+        choice[0], choice[1:len(after) + 1] = m, torch.tensor(after, device=self.device)
         dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
-        return tuple(choice.tolist())
+        m, *after = choice.tolist()
+        return m, tuple(a for a in after if a >= 0)
 
-    def shape(self, k, m, g=None):
-        g = k + 1 if g is None else g
-        if (k, m, g) not in self.shapes:
-            self.shapes[k, m, g] = step_shape(k, m, self.device, g)
-        return self.shapes[k, m, g]
+    def shape(self, k, m, after=None):
+        after = every_group(k) if after is None else after
+        if (k, m, after) not in self.shapes:
+            self.shapes[k, m, after] = step_shape(k, m, self.device, after)
+        return self.shapes[k, m, after]
 
     def choose(self, rows, logits, positions, seeds, with_prob=False):
         settings = [r.sampling if r is not None else GREEDY for r in rows]
@@ -300,32 +302,41 @@ class Decoder:
             calibrate(self.policy, self.f, fed.slots, fed.lengths, self.mask_id, self.shape)
         t0 = time.perf_counter()
         n, found = len(fed.rows), min(len(r.drafts) for r in busy)
-        m, g = (self.drafts if self.mode == "lossless" else 0), None  # ar: m = 0
+        m, after = (self.drafts if self.mode == "lossless" else 0), None  # ar: m = 0
         if self.policy is not None:  # lossless, drafts='auto'
             m = self.policy.best(n)
-            m, g = self.agree(m, self.policy.groups(n, min(m, found)))
+            m, after = self.agree(m, self.policy.groups(n, min(m, found)))
         k = min(m, found)
-        g = k + 1 if g is None else g
-        dev, seen = self.device, (k, m, g) in self.shapes
+        after = every_group(k) if after is None else after
+        dev, seen = self.device, (k, m, after) in self.shapes
+        shape = self.shape(k, m, after)
+        real = [k - r.drafts[:k].count(self.mask_id) if ok else k
+                for r, ok in zip(fed.rows, fed.live)]  # drafts before the fillers
+        if min(real, default=k) < k:  # rows whose drafts end early: a group right after them
+            shape = stack_shapes([self.shape(k, m, moved(after, r)) for r in real])
         at = self.every if n == len(self.slots) else torch.tensor(fed.slots, device=dev)
         length, seeds = self.length[at], self.seed[at]
-        group_masks = length.new_full((n, g * m), self.mask_id if m else 0)
+        group_masks = length.new_full((n, len(after) * m), self.mask_id if m else 0)
         tokens = torch.cat([self.last[at, None], self.draft[at, :k], group_masks], 1)
-        logits = feed_uniform(self.f, at, length, max(fed.lengths), tokens, self.shape(k, m, g))
+        logits = feed_uniform(self.f, at, length, max(fed.lengths), tokens, shape)
         pos = length[:, None] + 1 + torch.arange(k + 1, device=dev)
         verified = self.choose(fed.rows, logits[:, :k + 1], pos, seeds)
         accepted = (tokens[:, 1:k + 1] == verified[:, :k]).long().cumprod(1).sum(1)
         bonus = verified.gather(1, accepted[:, None])
         self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
         out = [verified, accepted[:, None]]
-        if m:  # the next drafts: those of the group after the last accepted token, or fillers
-            # (never right: the mask token) where two groups have none (a partial acceptance)
-            group = accepted if g == k + 1 else torch.where(accepted == k, 1, 0)
-            drafted = (accepted == 0) | (accepted == k) | (g == k + 1)
-            groups = logits[:, k + 1:].unflatten(1, (g, m))[torch.arange(n, device=dev), group]
+        if m:  # the next drafts: those of the group after the last accepted token, or where no
+            # group follows it (a partial acceptance) the later ones of the first group, which
+            # drafted the tokens just written and those after them, then fillers (never right:
+            # the mask token)
+            group = shape.group.expand(n, -1).gather(1, accepted[:, None])[:, 0]
+            drafted = group >= 0
+            offset = torch.where(drafted, 0, accepted)[:, None] + torch.arange(m, device=dev)
+            index = group.clamp(min=0)[:, None] * m + offset.clamp(max=m - 1)
+            groups = logits[:, k + 1:][torch.arange(n, device=dev)[:, None], index]
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
             drafts = self.choose(fed.rows, groups, gpos, seeds)
-            out += [drafted[:, None].long(), torch.where(drafted[:, None], drafts, self.mask_id)]
+            out += [drafted[:, None].long(), torch.where(offset < m, drafts, self.mask_id)]
             self.draft[at, :m] = out[-1]
         host = torch.cat(out, 1).tolist()
         for row, ok, lg, h in zip(fed.rows, fed.live, logits, host):
@@ -333,14 +344,14 @@ class Decoder:
                 continue
             a = h[k + 1]
             row.forwards += 1
-            row.shapes[f"{k},{m}" + (f",{g}" if g != k + 1 else "")] += 1
+            row.shapes[f"{k},{m}" + (f",{len(after)}" if len(after) != k + 1 else "")] += 1
             row.length += 1 + a  # pending and the accepted drafts are cached; the bonus is pending
             self.accept(row, row.drafts[:a] + [h[a]], lg[:a + 1])
             row.pending = [h[a]]
             if self.mode == "lossless":  # m = 0: an ar step, no drafts
                 self.new_drafts(row, h[k + 3:] if m else [], scored=bool(m and h[k + 2]))
         if self.policy is not None and seen:  # compiled and warm: as decoding pays for it
-            self.policy.observe(n, k, m, time.perf_counter() - t0, g)
+            self.policy.observe(n, k, m, time.perf_counter() - t0, after)
 
     def block_step(self):
         """block and adaptive: [pending][B-1 masks] after each row's cached tokens."""

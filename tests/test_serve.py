@@ -54,7 +54,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", "--port=0",
                                       "--device=cpu", *args], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines = []
+        self.lines, self.clients = [], []
         deadline = time.time() + 120
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -74,9 +74,14 @@ class Server:
             self.lines.append(line)
 
     def client(self, key="none"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        """An openai client, closed at `stop` (a socket left open warns: the suite fails)."""
+        self.clients.append(openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
+                                          timeout=120))
+        return self.clients[-1]
 
     def stop(self):
+        for c in self.clients:
+            c.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -99,7 +104,8 @@ def post(url, body, headers=None, raw=None):
         with urllib.request.urlopen(request, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        with e:  # its connection closed, not left to the garbage collector
+            return e.code, json.loads(e.read())
 
 
 def get(url):
@@ -107,7 +113,8 @@ def get(url):
         with urllib.request.urlopen(url, timeout=30) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        with e:
+            return e.code, e.read().decode()
 
 
 def expected(folder, ids, max_new, **settings):

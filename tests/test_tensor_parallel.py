@@ -87,15 +87,16 @@ def test_checkpoints_move_across_tensor_and_data_parallel_sizes(tmp_path, train_
 
 
 # sample.py under TP with each rank's draft policy choosing differently, as each rank's own timings
-# make it do at random: rank 1 always drafts everything in every group, rank 0 two groups
+# make it do at random: rank 1 always drafts everything in every group, rank 0 groups after none,
+# half and all
 SKEWED = """import os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import policy
 if os.environ["RANK"] == "1":
     policy.DraftPolicy.best = lambda self, n: self.D
-    policy.DraftPolicy.groups = lambda self, n, k, *priced: k + 1
+    policy.DraftPolicy.groups = lambda self, n, k, *priced: tuple(range(k + 1))
 else:
-    policy.DraftPolicy.groups = lambda self, n, k, *priced: min(2, k + 1)
+    policy.DraftPolicy.groups = lambda self, n, k, *priced: tuple(sorted({0, k // 2, k}))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
