@@ -195,7 +195,8 @@ class StepShape(NamedTuple):
     limit: torch.Tensor  # [Q] limit offsets (mask.py's rule)
     is_mask: torch.Tensor  # [Q]
     visible: torch.Tensor  # [Q, Q + 1] which new token sees which, a last column of False
-    group: torch.Tensor  # [k + 1] the group after a accepted drafts (its index), -1 where none
+    group: torch.Tensor  # [k + 1] after a accepted drafts: the last group at or before a (index)
+    skip: torch.Tensor  # [k + 1] a minus that group's count: its first masks drafted written tokens
 
 
 def every_group(k):
@@ -216,10 +217,10 @@ def step_shape(k, m, device, after=None):
                         is_mask[None])
     every = torch.arange(Q, device=device)
     visible = mod(0, None, every[:, None], every)
-    group = torch.full((k + 1,), -1, device=device)
-    group[list(after)] = torch.arange(len(after), device=device)
+    group = [sum(x <= a for x in after) - 1 for a in range(k + 1)]
+    skip = [a - after[g] for a, g in enumerate(group)]
     return StepShape(position, limit, is_mask, torch.cat([visible, visible.new_zeros(Q, 1)], 1),
-                     group)
+                     torch.tensor(group, device=device), torch.tensor(skip, device=device))
 
 
 def moved(after, real):

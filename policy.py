@@ -73,7 +73,7 @@ class DraftPolicy:
     def expected(self, k, after=None, rates=None):
         """Tokens a step of k drafts writes, on average, per step it costs. Where no group follows
         the drafts it accepts (0 < accepted < k, not in `after`) the next step drafts from the
-        later masks of its first group (fewer drafts, then fillers), and counts too. rates:
+        later masks of the last group before (fewer drafts, then fillers), and counts too. rates:
         `rates()`, when known."""
         tokens, stops = self.stops(k, rates or self.rates())
         missed = [(p, later) for _, p, i, later in stops if after is not None and i not in after]
@@ -83,8 +83,9 @@ class DraftPolicy:
     def stops(k, rates):
         """(tokens a step of k drafts writes on average, [(what a group after i accepted drafts
         brings, P(accepted = i), i, tokens the next step writes without it) for 0 < i < k]): the
-        next step without it has the drafts after i of the first group, taken to be right at the
-        rates of the drafts after i."""
+        next step without it has the drafts after i of the first group (at least: a later group
+        before i drafts them from more context), taken to be right at the rates of the drafts
+        after i."""
         p, tokens, stops, later = 1.0, 1.0, [], [0.0] * (k + 1)
         for i in range(k - 1, -1, -1):
             later[i] = rates[i] * (1 + later[i + 1])  # tokens the drafts from i on write

@@ -326,13 +326,14 @@ class Decoder:
         self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
         out = [verified, accepted[:, None]]
         if m:  # the next drafts: those of the group after the last accepted token, or where no
-            # group follows it (a partial acceptance) the later ones of the first group, which
-            # drafted the tokens just written and those after them, then fillers (never right:
-            # the mask token)
+            # group follows it (a partial acceptance) the later ones of the last group before it,
+            # which drafted the tokens just written and those after them, then fillers (never
+            # right: the mask token)
             group = shape.group.expand(n, -1).gather(1, accepted[:, None])[:, 0]
-            drafted = group >= 0
-            offset = torch.where(drafted, 0, accepted)[:, None] + torch.arange(m, device=dev)
-            index = group.clamp(min=0)[:, None] * m + offset.clamp(max=m - 1)
+            skip = shape.skip.expand(n, -1).gather(1, accepted[:, None])
+            drafted = skip[:, 0] == 0
+            offset = skip + torch.arange(m, device=dev)
+            index = group[:, None] * m + offset.clamp(max=m - 1)
             groups = logits[:, k + 1:][torch.arange(n, device=dev)[:, None], index]
             gpos = (length + accepted)[:, None] + 2 + torch.arange(m, device=dev)
             drafts = self.choose(fed.rows, groups, gpos, seeds)

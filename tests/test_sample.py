@@ -452,14 +452,16 @@ def test_rows_that_place_their_groups_differently_see_what_mask_py_says():
     assert not torch.allclose(stacked[0, -m:], stacked[1, -m:], atol=1e-3)  # groups differ
 
 
-def test_a_partial_acceptance_drafts_from_the_first_groups_later_masks(monkeypatch):
-    """Two groups (after no draft and after all): a row that accepts 2 of its 3 drafts drafts next
-    from the first group's masks after the tokens it wrote (then fillers), a row that accepts all
-    from the last group; the next step places the first row's last group right after its one
-    draft. The step's logits are made up (argmax: what the test says)."""
+@pytest.mark.parametrize("after,moved", [((0, 3), (0, 1)), ((0, 1, 3), (0, 1, 2))])
+def test_a_partial_acceptance_drafts_from_the_last_groups_later_masks(monkeypatch, after, moved):
+    """Groups after no draft and after all (and after one): a row that accepts 2 of its 3 drafts
+    (no group after 2) drafts next from the later masks of the last group before 2, those after
+    the tokens it wrote (then fillers); a row that accepts all from the group after all. The next
+    step moves the first row's group after all to right after its drafts. The step's logits are
+    made up (argmax: what the test says)."""
     model = tiny_model("llama", vocab_size=128, seed=11)
 
-    class TwoGroups_(DraftPolicy):
+    class Groups_(DraftPolicy):
         def calibrated(self, n):
             return True
 
@@ -467,10 +469,10 @@ def test_a_partial_acceptance_drafts_from_the_first_groups_later_masks(monkeypat
             return 3
 
         def groups(self, n, k):
-            return (0, k) if k else (0,)
+            return after if k == 3 else (0,)
 
     dec = sample.Decoder(model, mode="lossless", rows=2, capacity=64, block_size=4,
-                         mask_token_id=MASK, policy=TwoGroups_(3))
+                         mask_token_id=MASK, policy=Groups_(3))
     rows = [sample.Row(p, max_new=30) for p in random_prompts(2, seed=1)]
     dec.join(rows)
     drafts = [list(r.drafts) for r in rows]
@@ -482,19 +484,22 @@ def test_a_partial_acceptance_drafts_from_the_first_groups_later_masks(monkeypat
         for r, right in enumerate((2, 3)):  # drafts right: row 0 two, row 1 all three
             for i in range(4):
                 logits[r, i, drafts[r][i] if i < right else 5] = 1.0
-            for j in range(3):
-                logits[r, 4 + j, 100 + j] = 1.0  # the group after no draft
-                logits[r, 7 + j, 110 + j] = 1.0  # the group after all
+            for g, count in enumerate(after):  # the group after `count` drafts: 60 + 10 count + j
+                for j in range(3):
+                    logits[r, 4 + 3 * g + j, 60 + 10 * count + j] = 1.0
         return logits
 
     monkeypatch.setattr(sample, "feed_uniform", made_up)
     dec.step()
     assert rows[0].out[-3:] == drafts[0][:2] + [5] and rows[1].out[-4:] == drafts[1] + [5]
-    assert rows[0].drafts == [102, MASK, MASK] and rows[1].drafts == [110, 111, 112]
+    before = max(x for x in after if x <= 2)  # the last group before 2: its masks after 2 - before
+    assert rows[0].drafts == [60 + 10 * before + j for j in range(2 - before, 3)] + \
+        [MASK] * (2 - before)
+    assert rows[1].drafts == [90, 91, 92]
     assert dec.draft[:, :3].tolist() == [rows[0].drafts, rows[1].drafts]
     dec.step()
     assert fed[0].position.dim() == 1  # every row had all its drafts: one shape
-    want = [step_shape(3, 3, torch.device("cpu"), after) for after in ((0, 1), (0, 3))]
+    want = [step_shape(3, 3, torch.device("cpu"), x) for x in (moved, after)]
     for field, got in zip(fed[1], (torch.stack(x) for x in zip(*want))):
         assert torch.equal(field, got)
 
