@@ -58,8 +58,8 @@ class DraftPolicy:
 
     def rates(self):
         """a_i, the rate at which draft i is right given the ones before it: the measured ones
-        with a prior of two drafts at the rate of all drafts before it, pooled (0.5 for the
-        first). A draft seldom tried is taken to be about as good as those before it, not a coin
+        with a prior of two drafts at the rate of all drafts before it, pooled (and one right
+        of two: 0.5 for the first). A draft seldom tried is taken to be about as good as those before it, not a coin
         (where never-tried ones are priced at 0.5, a policy settles on a small k and never learns
         that far drafts pay: B=16 stayed at 8 drafts where 15 gave 1.2x the tokens/s), nor as bad
         as one weak offset before it (one early miss at offset 8 held B=16 at 8 drafts for a
@@ -94,7 +94,9 @@ class DraftPolicy:
                 stops.append((p * (1 - rates[i]), i, 1 + later[i]))
             p *= rates[i]
             tokens += p
-        return tokens, [(q * (tokens - after), q, i, after) for q, i, after in stops]
+        # no better than a group after i would draft (those drafts saw less, and a wrong one)
+        return tokens, [(q * (tokens - min(after, tokens)), q, i, min(after, tokens))
+                        for q, i, after in stops]
 
     def price(self, b, q, line=None):
         """Seconds of a step of q queries per row at batch size b: on the line, and past the largest
@@ -181,7 +183,7 @@ class DraftPolicy:
     def best(self, n):
         """The k of the next step of n rows (its groups: `groups`)."""
         b = self.size(n)
-        line, rates = self.line(b), self.rates()  # once per step: a least-squares fit
+        line, rates = self.line(b), self.rates()  # once here: a least-squares fit
         speed = [self.choice(b, k, line, rates)[0] for k in range(self.D + 1)]
         best = max(range(self.D + 1), key=lambda k: (speed[k], -k))
         self.taken[b] += 1
@@ -242,7 +244,7 @@ def calibrate(policy, f, slots, lengths, mask_id, shape):
     at, cached = torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev)
     points = {}
     D = policy.D
-    shapes = {(0, (0,)), (min(1, D), every_group(min(1, D))), (D, (0, D))}  # k, groups after
+    shapes = {(0, (0,)), (min(1, D), every_group(min(1, D))), (D, tuple(sorted({0, D})))}
     if n * queries(D, D) <= 4096:  # every group too, where it costs no more than a long prefill
         shapes.add((D, every_group(D)))
     for k, after in sorted(shapes):

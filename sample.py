@@ -323,7 +323,10 @@ class Decoder:
         verified = self.choose(fed.rows, logits[:, :k + 1], pos, seeds)
         accepted = (tokens[:, 1:k + 1] == verified[:, :k]).long().cumprod(1).sum(1)
         bonus = verified.gather(1, accepted[:, None])
-        self.length[at], self.last[at] = length + 1 + accepted, bonus[:, 0]
+        grown = length + 1 + accepted
+        if not all(fed.live):  # idle cache rows of a compiled step stay empty (else they would
+            grown = grown * torch.tensor(fed.live, device=dev)  # grow past the capacity)
+        self.length[at], self.last[at] = grown, bonus[:, 0]
         out = [verified, accepted[:, None]]
         if m:  # the next drafts: those of the group after the last accepted token, or where no
             # group follows it (a partial acceptance) the later ones of the last group before it,

@@ -264,6 +264,27 @@ def test_compiled_step_gives_the_same_tokens():
         assert compiled == eager
 
 
+def test_a_compiled_steps_idle_cache_rows_stay_empty(monkeypatch):
+    """With compile every step feeds every cache row, the idle ones as padding: their lengths must
+    not grow step after step (they did, until a long-idle row wrote past the cache's capacity, as a
+    server with one client of eight would). Answer after answer in one cache row, the other
+    idle; the step itself eager (the path, not the compiler, is what is tested)."""
+    model = tiny_model("llama", vocab_size=128, seed=11)
+    want = generate(model, [[1, 2, 3, 4, 5]], "ar", 4, MASK, 60)[0][0]
+    for mode in ("ar", "lossless"):
+        dec = sample.Decoder(model, mode=mode, rows=2, capacity=128, block_size=4,
+                             mask_token_id=MASK, drafts=3)
+        dec.f = dec.f._replace(compiled=True)  # every row, every cache slot, each step
+        for _ in range(5):  # 5 x 60 tokens through a cache of 128 slots
+            row = sample.Row([1, 2, 3, 4, 5], max_new=60)
+            dec.join([row])
+            while dec.busy:
+                dec.step()
+            dec.release()
+            assert row.out == want, mode
+        assert dec.length[1] == 0
+
+
 # ---------------- sampling: the filtered distribution, drawn with a noise of (seed, position)
 
 def exact_distribution(model, prompt, settings, steps=2, buggy=None):
